@@ -1,0 +1,10 @@
+"""yaqa_ext: model-preserving quantization of LLMs as PyTorch C++/CUDA operators."""
+
+from __future__ import annotations
+
+from . import ops
+from ._C import WITH_CUDA
+from .ldl import BlockLDL, block_ldl
+
+__version__ = "0.1.0"
+__all__ = ["WITH_CUDA", "BlockLDL", "block_ldl", "ops", "__version__"]

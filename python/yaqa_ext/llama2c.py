@@ -1,0 +1,167 @@
+"""llama2.c checkpoints as Hugging Face ``LlamaForCausalLM`` models (interleaved RoPE -> rotate_half)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["Llama2cHeader", "SentencePieceTokenizer", "find_llama2c_checkpoint", "load_llama2c"]
+
+_HEADER = struct.Struct("<7i")
+
+
+class Llama2cHeader:
+    """The seven int32 of a legacy llama2.c checkpoint header."""
+
+    def __init__(self, raw: bytes, path: Path) -> None:
+        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _HEADER.unpack(raw)
+        self.dim, self.hidden_dim, self.n_layers = dim, hidden, n_layers
+        self.n_heads, self.n_kv_heads, self.seq_len = n_heads, n_kv_heads, seq_len
+        self.shared_classifier = vocab > 0
+        self.vocab_size = abs(vocab)
+        if min(dim, hidden, n_layers, n_heads, n_kv_heads, self.vocab_size, seq_len) <= 0 or dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"{path}: not a llama2.c checkpoint (header {_HEADER.unpack(raw)})")
+        self.head_dim = dim // n_heads
+
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The checkpoint's tensors, in file order."""
+        L, d, h, kv = self.n_layers, self.dim, self.hidden_dim, self.n_kv_heads * self.head_dim
+        shapes = [
+            ("token_embedding", (self.vocab_size, d)),
+            ("rms_att", (L, d)),
+            ("wq", (L, d, d)),
+            ("wk", (L, kv, d)),
+            ("wv", (L, kv, d)),
+            ("wo", (L, d, d)),
+            ("rms_ffn", (L, d)),
+            ("w1", (L, h, d)),
+            ("w2", (L, d, h)),
+            ("w3", (L, h, d)),
+            ("rms_final", (d,)),
+            ("freq_cis_real", (self.seq_len, self.head_dim // 2)),
+            ("freq_cis_imag", (self.seq_len, self.head_dim // 2)),
+        ]
+        if not self.shared_classifier:
+            shapes.append(("wcls", (self.vocab_size, d)))
+        return shapes
+
+
+def read_llama2c(path: str | os.PathLike) -> tuple[Llama2cHeader, dict[str, Tensor]]:
+    """The header and the fp32 tensors of a llama2.c legacy checkpoint, by llama2.c name."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if len(raw) < _HEADER.size:
+        raise ValueError(f"{path}: too short to be a llama2.c checkpoint ({len(raw)} bytes)")
+    header = Llama2cHeader(raw[: _HEADER.size], path)
+    shapes = header.tensor_shapes()
+    expected = _HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in shapes)
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path}: {len(raw)} bytes, but its header {_HEADER.unpack(raw[:_HEADER.size])} implies {expected}; "
+            "the file is truncated or not a legacy (version 0) llama2.c checkpoint"
+        )
+    flat = torch.frombuffer(bytearray(raw[_HEADER.size :]), dtype=torch.float32)
+    tensors, offset = {}, 0
+    for name, shape in shapes:
+        numel = torch.Size(shape).numel()
+        tensors[name] = flat[offset : offset + numel].view(shape)
+        offset += numel
+    return header, tensors
+
+
+def _to_rotate_half(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k projection rows from interleaved RoPE pairs (2i, 2i+1) to halves (i, i + hd/2)."""
+    out_features, in_features = w.shape
+    head_dim = out_features // n_heads
+    return w.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def load_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A ``LlamaForCausalLM`` with the weights of a llama2.c checkpoint (``.bin`` file or its folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    checkpoint = find_llama2c_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path}: no llama2.c checkpoint (*.bin with a llama2.c header) found")
+    h, t = read_llama2c(checkpoint)
+    config = LlamaConfig(
+        vocab_size=h.vocab_size,
+        hidden_size=h.dim,
+        intermediate_size=h.hidden_dim,
+        num_hidden_layers=h.n_layers,
+        num_attention_heads=h.n_heads,
+        num_key_value_heads=h.n_kv_heads,
+        max_position_embeddings=h.seq_len,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=h.shared_classifier,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype=dtype,
+    )
+    state = {"model.embed_tokens.weight": t["token_embedding"], "model.norm.weight": t["rms_final"]}
+    state["lm_head.weight"] = t["token_embedding"] if h.shared_classifier else t["wcls"]
+    for i in range(h.n_layers):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = t["rms_att"][i]
+        state[p + "post_attention_layernorm.weight"] = t["rms_ffn"][i]
+        state[p + "self_attn.q_proj.weight"] = _to_rotate_half(t["wq"][i], h.n_heads)
+        state[p + "self_attn.k_proj.weight"] = _to_rotate_half(t["wk"][i], h.n_kv_heads)
+        state[p + "self_attn.v_proj.weight"] = t["wv"][i]
+        state[p + "self_attn.o_proj.weight"] = t["wo"][i]
+        state[p + "mlp.gate_proj.weight"] = t["w1"][i]
+        state[p + "mlp.down_proj.weight"] = t["w2"][i]
+        state[p + "mlp.up_proj.weight"] = t["w3"][i]
+    model = LlamaForCausalLM(config).to(dtype)
+    model.load_state_dict(state, strict=True)
+    model.name_or_path = str(checkpoint)
+    return model.eval()
+
+
+def find_llama2c_checkpoint(path: str | os.PathLike) -> Path | None:
+    """``path`` if it is a llama2.c checkpoint, else the single one in the folder ``path``, else None."""
+    path = Path(path)
+    candidates = sorted(path.glob("*.bin")) if path.is_dir() else [path]
+    found = []
+    for c in candidates:
+        if not c.is_file() or c.stat().st_size < _HEADER.size:
+            continue
+        with open(c, "rb") as f:
+            try:
+                header = Llama2cHeader(f.read(_HEADER.size), c)
+            except ValueError:
+                continue
+        expected = _HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in header.tensor_shapes())
+        if c.stat().st_size == expected:
+            found.append(c)
+    return found[0] if len(found) == 1 else None
+
+
+class SentencePieceTokenizer:
+    """A llama2.c model's SentencePiece tokenizer (``tok*.model``); BOS is prepended on encode."""
+
+    def __init__(self, model_file: str | os.PathLike) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.bos_token_id = self.sp.bos_id()
+        self.eos_token_id = self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike) -> SentencePieceTokenizer:
+        models = sorted(Path(folder).glob("*.model"))
+        if len(models) != 1:
+            raise FileNotFoundError(f"{folder}: expected one SentencePiece *.model file, found {len(models)}")
+        return cls(models[0])
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_token_id, *ids] if bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i not in (self.bos_token_id, self.eos_token_id)])

@@ -1,0 +1,96 @@
+"""Plain-PyTorch reference implementations the ops are tested against (fp64, written for clarity)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def block_ldl_reference(H: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """Block LDL by Schur complements (no Cholesky): returns unit L (n x n) and D (n/b, b, b)."""
+    S = H.double().clone()
+    n = S.size(0)
+    L = torch.eye(n, dtype=torch.float64)
+    D = []
+    for k in range(0, n, b):
+        Dk = S[k : k + b, k : k + b].clone()
+        D.append(Dk)
+        below = S[k + b :, k : k + b]
+        Lk = torch.linalg.solve(Dk, below.T).T  # below @ Dk^{-1}
+        L[k + b :, k : k + b] = Lk
+        S[k + b :, k + b :] -= Lk @ Dk @ Lk.T
+    return L, torch.stack(D)
+
+
+def spd_matrix(n: int, cond: float, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A random symmetric positive definite matrix with eigenvalues log-spaced in [1/cond, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, -torch.log10(torch.tensor(cond, dtype=torch.float64)).item(), n, dtype=torch.float64)
+    H = (Q * eig) @ Q.T
+    return ((H + H.T) / 2).to(dtype)
+
+
+def first_failing_minor(H: Tensor) -> int:
+    """Brute force: the order of the first leading minor that is not positive definite (0 if none)."""
+    Hd = H.double()
+    for k in range(1, Hd.size(0) + 1):
+        if torch.linalg.eigvalsh(Hd[:k, :k]).min() <= 0:
+            return k
+    return 0
+
+
+def llama2c_reference_logits(checkpoint, tokens: list[int]) -> Tensor:
+    """llama2.c's run.c forward (interleaved RoPE, GQA, tied classifier) in fp64, read with numpy."""
+    import numpy as np
+
+    raw = np.fromfile(checkpoint, dtype=np.uint8)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = (int(v) for v in raw[:28].view(np.int32))
+    w = torch.from_numpy(raw[28:].view(np.float32).astype(np.float64))
+    hs, kv_dim = dim // n_heads, dim // n_heads * n_kv
+    off = 0
+
+    def take(*shape):
+        nonlocal off
+        n = int(np.prod(shape))
+        out = w[off : off + n].view(*shape)
+        off += n
+        return out
+
+    emb = take(abs(vocab), dim)
+    rms_att, wq, wk, wv = take(n_layers, dim), take(n_layers, dim, dim), take(n_layers, kv_dim, dim), take(n_layers, kv_dim, dim)
+    wo, rms_ffn = take(n_layers, dim, dim), take(n_layers, dim)
+    w1, w2, w3 = take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
+    rms_final = take(dim)
+    take(seq_len, hs // 2)
+    take(seq_len, hs // 2)
+    wcls = emb if vocab > 0 else take(abs(vocab), dim)
+
+    def rmsnorm(x, g):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * g
+
+    def rope(x, n):  # x: (T, n*hs); rotate pairs (2i, 2i+1) of each head by pos * 10000^(-2i/hs)
+        T = x.shape[0]
+        x = x.view(T, n, hs // 2, 2)
+        freq = 1.0 / 10000.0 ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+        ang = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]
+        c, s = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+        a, b = x[..., 0], x[..., 1]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).view(T, n * hs)
+
+    T = len(tokens)
+    x = emb[torch.tensor(tokens)]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for layer in range(n_layers):
+        xb = rmsnorm(x, rms_att[layer])
+        q = rope(xb @ wq[layer].T, n_heads).view(T, n_heads, hs)
+        k = rope(xb @ wk[layer].T, n_kv).view(T, n_kv, hs)
+        v = (xb @ wv[layer].T).view(T, n_kv, hs)
+        rep = n_heads // n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = torch.einsum("thd,shd->hts", q, k) / hs**0.5 + mask
+        out = torch.einsum("hts,shd->thd", att.softmax(-1), v).reshape(T, dim)
+        x = x + out @ wo[layer].T
+        xb = rmsnorm(x, rms_ffn[layer])
+        x = x + (torch.nn.functional.silu(xb @ w1[layer].T) * (xb @ w3[layer].T)) @ w2[layer].T
+    return rmsnorm(x, rms_final) @ wcls.T
