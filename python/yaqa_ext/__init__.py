@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from . import ops
 from ._C import WITH_CUDA
+from .hadamard import RHT, hadamard_matrix, hadamard_transform
 from .ldl import BlockLDL, block_ldl
 
 __version__ = "0.1.0"
-__all__ = ["WITH_CUDA", "BlockLDL", "block_ldl", "ops", "__version__"]
+__all__ = ["RHT", "WITH_CUDA", "BlockLDL", "block_ldl", "hadamard_matrix", "hadamard_transform", "ops", "__version__"]

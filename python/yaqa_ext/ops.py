@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.yaqa)
 
-__all__ = ["block_ldl"]
+__all__ = ["block_ldl", "hadamard_transform"]
 
 
 def block_ldl(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -29,3 +29,15 @@ def _block_ldl_fake(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]
         H.new_empty((n // block_size, block_size, block_size)),
         H.new_empty((), dtype=torch.int32),
     )
+
+
+def hadamard_transform(x: Tensor, had: Tensor | None) -> Tensor:
+    """``y = (Had_{2^k} ⊗ had) x / sqrt(n)`` along the last dimension (had: c x c +-1, fp32, or None)."""
+    return torch.ops.yaqa.hadamard_transform.default(x, had)
+
+
+@torch.library.register_fake("yaqa::hadamard_transform")
+def _hadamard_transform_fake(x: Tensor, had: Tensor | None) -> Tensor:
+    c = 1 if had is None else had.size(0)
+    torch._check(x.dim() >= 1 and x.size(-1) % c == 0, lambda: "hadamard_transform: last dim of x must be 2^k * c")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
