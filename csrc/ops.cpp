@@ -12,4 +12,17 @@ TORCH_LIBRARY(yaqa, m) {
   // y = (Had_{2^k} kron had) x / sqrt(n) along the last dimension of x (n = 2^k * c), with had the
   // c x c +-1 factor (fp32; None for c = 1). Same dtype as x, computed in fp32 (fp64 for fp64).
   m.def("hadamard_transform(Tensor x, Tensor? had) -> Tensor");
+
+  // Kronecker-factor sketches (ALGORITHMS.md section 3), accumulated in place into fp32/fp64
+  // factors; products in fp32 (TF32 on CUDA only with allow_tf32). A P absent means identity.
+  // Sketch B, per sequence: Gw_b = G_b^T X_b for X (B, T, n), G (B, T, m);
+  //   H_in += sum_b Gw_b^T P_out Gw_b,  H_out += sum_b Gw_b P_in Gw_b^T.
+  m.def("sketch_b_update(Tensor X, Tensor G, Tensor(a!) H_in, Tensor(b!) H_out, Tensor? P_in=None, "
+        "Tensor? P_out=None, bool allow_tf32=False) -> ()");
+  // Sketch A, per token of X (..., n), G (..., m):
+  //   H_in += (g_t P_out g_t^T) x_t^T x_t,  H_out += (x_t P_in x_t^T) g_t^T g_t.
+  m.def("sketch_a_update(Tensor X, Tensor G, Tensor(a!)? H_in, Tensor(b!)? H_out, Tensor? P_in=None, "
+        "Tensor? P_out=None, bool allow_tf32=False) -> ()");
+  // H += sum_t x_t^T x_t over every token of X (..., n) (the GPTQ / LDLQ Hessian).
+  m.def("input_moment_update(Tensor X, Tensor(a!) H, bool allow_tf32=False) -> ()");
 }

@@ -10,10 +10,22 @@ namespace yaqa {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cpu(const at::Tensor& H, int64_t block_size);
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::Tensor>& had);
+void sketch_b_update_cpu(const at::Tensor& X, const at::Tensor& G, at::Tensor& H_in, at::Tensor& H_out,
+                         const std::optional<at::Tensor>& P_in, const std::optional<at::Tensor>& P_out, bool allow_tf32);
+void sketch_a_update_cpu(const at::Tensor& X, const at::Tensor& G, std::optional<at::Tensor> H_in,
+                         std::optional<at::Tensor> H_out, const std::optional<at::Tensor>& P_in,
+                         const std::optional<at::Tensor>& P_out, bool allow_tf32);
+void input_moment_update_cpu(const at::Tensor& X, at::Tensor& H, bool allow_tf32);
 
 #ifdef YAQA_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cuda(const at::Tensor& H, int64_t block_size);
 at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::Tensor>& had);
+void sketch_b_update_cuda(const at::Tensor& X, const at::Tensor& G, at::Tensor& H_in, at::Tensor& H_out,
+                          const std::optional<at::Tensor>& P_in, const std::optional<at::Tensor>& P_out, bool allow_tf32);
+void sketch_a_update_cuda(const at::Tensor& X, const at::Tensor& G, std::optional<at::Tensor> H_in,
+                          std::optional<at::Tensor> H_out, const std::optional<at::Tensor>& P_in,
+                          const std::optional<at::Tensor>& P_out, bool allow_tf32);
+void input_moment_update_cuda(const at::Tensor& X, at::Tensor& H, bool allow_tf32);
 #endif
 
 }  // namespace yaqa

@@ -6,6 +6,8 @@ from . import ops
 from ._C import WITH_CUDA
 from .hadamard import RHT, hadamard_matrix, hadamard_transform
 from .ldl import BlockLDL, block_ldl
+from .ops import input_moment_update, sketch_a_update, sketch_b_update
 
 __version__ = "0.1.0"
-__all__ = ["RHT", "WITH_CUDA", "BlockLDL", "block_ldl", "hadamard_matrix", "hadamard_transform", "ops", "__version__"]
+__all__ = ["RHT", "WITH_CUDA", "BlockLDL", "block_ldl", "hadamard_matrix", "hadamard_transform", "input_moment_update", "ops",
+           "sketch_a_update", "sketch_b_update", "__version__"]

@@ -9,9 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.yaqa)
+try:
+    from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.yaqa)
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"yaqa_ext's compiled extension yaqa_ext._C is missing or failed to load ({e}); build it with "
+        "`bash .ci/setup` in the source tree, or `pip install -e . --no-build-isolation`"
+    ) from e
 
-__all__ = ["block_ldl", "hadamard_transform"]
+__all__ = ["block_ldl", "hadamard_transform", "input_moment_update", "sketch_a_update", "sketch_b_update"]
 
 
 def block_ldl(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,3 +47,54 @@ def _hadamard_transform_fake(x: Tensor, had: Tensor | None) -> Tensor:
     c = 1 if had is None else had.size(0)
     torch._check(x.dim() >= 1 and x.size(-1) % c == 0, lambda: "hadamard_transform: last dim of x must be 2^k * c")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def sketch_b_update(
+    X: Tensor,
+    G: Tensor,
+    H_in: Tensor,
+    H_out: Tensor,
+    P_in: Tensor | None = None,
+    P_out: Tensor | None = None,
+    allow_tf32: bool = False,
+) -> None:
+    """In place, with ``Gw_b = G_b^T X_b``: ``H_in += sum_b Gw_b^T P_out Gw_b``, ``H_out += sum_b Gw_b P_in Gw_b^T``.
+
+    X (B, T, n) and G (B, T, m) are layer inputs and output gradients of B sequences; a missing P
+    is the identity. Products in fp32 (TF32 on CUDA only with ``allow_tf32``); H fp32 or fp64.
+    """
+    torch.ops.yaqa.sketch_b_update.default(X, G, H_in, H_out, P_in, P_out, allow_tf32)
+
+
+def sketch_a_update(
+    X: Tensor,
+    G: Tensor,
+    H_in: Tensor | None = None,
+    H_out: Tensor | None = None,
+    P_in: Tensor | None = None,
+    P_out: Tensor | None = None,
+    allow_tf32: bool = False,
+) -> None:
+    """In place, per token: ``H_in += (g_t P_out g_t^T) x_t^T x_t``, ``H_out += (x_t P_in x_t^T) g_t^T g_t``."""
+    torch.ops.yaqa.sketch_a_update.default(X, G, H_in, H_out, P_in, P_out, allow_tf32)
+
+
+def input_moment_update(X: Tensor, H: Tensor, allow_tf32: bool = False) -> None:
+    """In place: ``H += sum_t x_t^T x_t`` over every token of X (..., n)."""
+    torch.ops.yaqa.input_moment_update.default(X, H, allow_tf32)
+
+
+@torch.library.register_fake("yaqa::sketch_b_update")
+def _sketch_b_update_fake(X, G, H_in, H_out, P_in=None, P_out=None, allow_tf32=False) -> None:
+    torch._check(X.dim() == 3 and G.dim() == 3, lambda: "sketch_b_update: X and G must be 3-D")
+    return None
+
+
+@torch.library.register_fake("yaqa::sketch_a_update")
+def _sketch_a_update_fake(X, G, H_in=None, H_out=None, P_in=None, P_out=None, allow_tf32=False) -> None:
+    return None
+
+
+@torch.library.register_fake("yaqa::input_moment_update")
+def _input_moment_update_fake(X, H, allow_tf32=False) -> None:
+    return None
