@@ -15,6 +15,8 @@ TORCH_LIBRARY(yaqa, m) {
 
   // Kronecker-factor sketches (ALGORITHMS.md section 3), accumulated in place into fp32/fp64
   // factors; products in fp32 (TF32 on CUDA only with allow_tf32). A P absent means identity.
+  // Updates without a P are symmetric rank-k: the result is the upper triangle of H + update,
+  // mirrored, so H stays exactly symmetric.
   // Sketch B, per sequence: Gw_b = G_b^T X_b for X (B, T, n), G (B, T, m);
   //   H_in += sum_b Gw_b^T P_out Gw_b,  H_out += sum_b Gw_b P_in Gw_b^T.
   m.def("sketch_b_update(Tensor X, Tensor G, Tensor(a!) H_in, Tensor(b!) H_out, Tensor? P_in=None, "
@@ -25,4 +27,11 @@ TORCH_LIBRARY(yaqa, m) {
         "Tensor? P_out=None, bool allow_tf32=False) -> ()");
   // H += sum_t x_t^T x_t over every token of X (..., n) (the GPTQ / LDLQ Hessian).
   m.def("input_moment_update(Tensor X, Tensor(a!) H, bool allow_tf32=False) -> ()");
+
+  // Two-sided LDLQ (ALGORITHMS.md section 6) of W (m x n, fp32) in td_x x td_y tiles with the
+  // strictly block-lower parts of L_in (n x n) and L_out (m x m; None: one-sided LDLQ), and the
+  // scalar grid code = clamp(round(x / s + z), 0, 2^bits - 1), value (code - z) * s, with s, z of
+  // shape (m, n / group_size). Returns W_hat (fp32, exactly the values of codes) and codes (uint8).
+  m.def("ldlq_round(Tensor W, Tensor L_in, Tensor? L_out, Tensor scales, Tensor zeros, int bits, int group_size, "
+        "int td_x, int td_y) -> (Tensor W_hat, Tensor codes)");
 }

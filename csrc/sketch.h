@@ -1,7 +1,8 @@
 // Kronecker-factor accumulation (ALGORITHMS.md section 3), written once over a BLAS policy:
 //   Blas::gemm_batched(A, ta, B, tb, C)  C_b = op(A_b) op(B_b)            (fp32, 3-D, unit inner stride)
 //   Blas::gemm_acc(A, ta, B, tb, H)      H += op(A) op(B)                 (A, B fp32 2-D; H fp32 or fp64)
-//   Blas::syrk_acc(A, aat, H)            H += A^T A (aat: A A^T), H kept fully symmetric (A fp32 2-D)
+//   Blas::syrk_acc(A, aat, H)            H += A^T A (aat: A A^T) on H's upper triangle, which is then
+//                                        mirrored: H stays exactly symmetric (A fp32 2-D)
 // Every product is computed in fp32 (TF32 only when a backend is asked for it) and added to the
 // fp32 or fp64 accumulator. A 2-D operand may have any row stride as long as its columns are
 // unit-stride, which lets one (m, B, n) buffer of per-sequence gradients serve both factors.

@@ -94,3 +94,57 @@ def llama2c_reference_logits(checkpoint, tokens: list[int]) -> Tensor:
         xb = rmsnorm(x, rms_ffn[layer])
         x = x + (torch.nn.functional.silu(xb @ w1[layer].T) * (xb @ w3[layer].T)) @ w2[layer].T
     return rmsnorm(x, rms_final) @ wcls.T
+
+
+def strictly_block_lower(L: Tensor, b: int) -> Tensor:
+    """L with its diagonal b x b blocks and everything above them set to zero."""
+    n = L.size(0)
+    blk = torch.arange(n) // b
+    return torch.where(blk[:, None] > blk[None, :], L, torch.zeros_like(L))
+
+
+def ldlq_reference(W: Tensor, L_in: Tensor, L_out: Tensor | None, scales: Tensor, zeros: Tensor, bits: int,
+                   group_size: int, td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
+    """The two-sided tile rule written naively: tiles in anti-diagonal wavefronts from the bottom-right,
+    each tile's feedback E L_in + L_out^T E + L_out^T E L_in recomputed from full products in fp64."""
+    m, n = W.shape
+    Li = strictly_block_lower(L_in.double(), td_y)
+    Lo = torch.zeros(m, m, dtype=torch.float64) if L_out is None else strictly_block_lower(L_out.double(), td_x)
+    s = scales.repeat_interleave(group_size, 1)
+    z = zeros.repeat_interleave(group_size, 1)
+    E = torch.zeros(m, n, dtype=torch.float64)
+    W_hat = torch.zeros(m, n, dtype=torch.float32)
+    codes = torch.zeros(m, n, dtype=torch.uint8)
+    mt, nt = m // td_x, n // td_y
+    for w in range(mt + nt - 2, -1, -1):
+        for i in range(mt):
+            j = w - i
+            if not 0 <= j < nt:
+                continue
+            rows, cols = slice(i * td_x, (i + 1) * td_x), slice(j * td_y, (j + 1) * td_y)
+            F = E @ Li + Lo.T @ E + Lo.T @ E @ Li
+            x = (W[rows, cols].double() + F[rows, cols]).float()
+            q = torch.round(x / s[rows, cols] + z[rows, cols]).clamp(0, 2**bits - 1)
+            codes[rows, cols] = q.to(torch.uint8)
+            W_hat[rows, cols] = (q - z[rows, cols]) * s[rows, cols]
+            E[rows, cols] = W[rows, cols].double() - W_hat[rows, cols].double()
+    return W_hat, codes
+
+
+def gptq_reference(W: Tensor, H: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
+    """Classic GPTQ (upper Cholesky factor of H^-1, error propagated column by column), run on the
+    columns in reverse order, the order one-sided LDLQ uses. Returns the codes."""
+    n = W.size(1)
+    rev = torch.arange(n - 1, -1, -1)
+    Hr = H.double()[rev][:, rev]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hr)), upper=True)
+    Wr = W.double()[:, rev].clone()
+    s = scales.repeat_interleave(group_size, 1)[:, rev]
+    z = zeros.repeat_interleave(group_size, 1)[:, rev]
+    codes = torch.zeros(W.shape, dtype=torch.uint8)
+    for i in range(n):
+        q = torch.round(Wr[:, i].float() / s[:, i] + z[:, i]).clamp(0, 2**bits - 1)
+        codes[:, rev[i]] = q.to(torch.uint8)
+        err = (Wr[:, i] - ((q - z[:, i]) * s[:, i]).double()) / U[i, i]
+        Wr[:, i + 1 :] -= err[:, None] * U[i, i + 1 :][None, :]
+    return codes

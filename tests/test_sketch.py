@@ -138,6 +138,30 @@ def test_accumulates_across_calls(device):
     torch.testing.assert_close(Ha_out, Hb_out, rtol=1e-5, atol=1e-4)
 
 
+def test_symmetric_updates_mirror_the_upper_triangle(device):
+    """SYRK-based updates define the result by the upper triangle of H + update, mirrored (both backends)."""
+    X = torch.randn(30, 6, device=device)
+    H = torch.randn(6, 6, dtype=torch.float64, device=device)  # deliberately not symmetric
+    expected = H.double().cpu() + X.double().cpu().T @ X.double().cpu()
+    expected = expected.triu() + expected.triu(1).T
+    ops.input_moment_update(X, H)
+    assert_factor_close(H, expected)
+    assert torch.equal(H, H.T)
+
+
+def test_degenerate_shapes(device):
+    # a size-1 last dimension whose stride is not 1 (a view that still counts as contiguous)
+    X = torch.randn(2, 1, 3, device=device).transpose(1, 2)
+    G = torch.randn(2, 3, 2, device=device)
+    H_in, H_out = torch.zeros(1, 1, device=device), torch.zeros(2, 2, device=device)
+    ops.sketch_b_update(X, G, H_in, H_out)
+    ref_in, ref_out = sketch_b_reference(X, G)
+    assert_factor_close(H_in, ref_in)
+    assert_factor_close(H_out, ref_out)
+    # zero features: nothing to do, no error
+    ops.sketch_b_update(torch.randn(2, 3, 0, device=device), G, torch.zeros(0, 0, device=device), H_out)
+
+
 def test_bad_inputs(device):
     X, G = torch.randn(2, 3, 4, device=device), torch.randn(2, 3, 5, device=device)
     H_in, H_out = torch.zeros(4, 4, device=device), torch.zeros(5, 5, device=device)

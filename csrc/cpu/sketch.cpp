@@ -22,8 +22,8 @@ struct CpuBlas {
     }
   }
   // H += F^T F with F = A (or A^T when aat): only the tiles on or above the diagonal are
-  // multiplied (a blocked SYRK, ~half the flops of a GEMM for large n), then the upper triangle
-  // is mirrored so H stays exactly symmetric, as with cuBLAS SYRK on CUDA.
+  // multiplied (a blocked SYRK, ~half the flops of a GEMM for large n); the upper triangle of
+  // H + F^T F is then mirrored onto the lower one, exactly as the CUDA kernel does after SYRK.
   static void syrk_acc(const at::Tensor& A, bool aat, const at::Tensor& H, bool /*tf32*/) {
     const at::Tensor F = aat ? A.t() : A;
     const int64_t n = F.size(1);
@@ -35,7 +35,9 @@ struct CpuBlas {
       at::Tensor out = S.narrow(0, i, bi).narrow(1, i, n - i);
       at::mm_out(out, Fi_t, F.narrow(1, i, n - i));
     }
-    H.add_(S.triu().add_(S.triu(1).t()));
+    H.add_(S.triu());
+    const at::Tensor strictly_upper = H.triu(1);
+    H.triu_().add_(strictly_upper.t());
   }
 };
 

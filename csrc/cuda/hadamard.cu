@@ -68,7 +68,7 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::
   const int64_t rows = xc.numel() / n;
   if (rows == 0) return out;
   const at::Tensor hc = c > 1 ? had->contiguous() : at::Tensor();
-  const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((n / 2 + 31) / 32) * 32));
+  const int threads = static_cast<int>(std::max<int64_t>(32, std::min<int64_t>(kThreads, ((n / 2 + 31) / 32) * 32)));
   TORCH_CHECK_VALUE(n <= static_cast<int64_t>(threads) * kMaxPerThread, "hadamard_transform: n = ", n,
                     " is above the CUDA kernel's limit of ", kThreads * kMaxPerThread);
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;

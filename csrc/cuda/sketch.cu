@@ -33,7 +33,8 @@ struct Operand {
 // least one row (column-major: ld >= the number of rows of the transpose).
 at::Tensor blas_ready(const at::Tensor& t) {
   const bool ok = t.stride(-1) == 1 && (t.size(-2) <= 1 || t.stride(-2) >= t.size(-1));
-  return ok ? t : t.contiguous();
+  // clone, not contiguous(): a tensor with a size-1 last dimension can be "contiguous" with any stride.
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 Operand operand(const at::Tensor& t) {
@@ -61,6 +62,7 @@ class MathMode {
 // C_b = beta C_b + op(A_b) op(B_b) for row-major operands, as the column-major C^T = op(B)^T op(A)^T.
 void gemm_rowmajor(const at::Tensor& A_in, bool ta, const at::Tensor& B_in, bool tb, const at::Tensor& C, float beta,
                    bool tf32) {
+  if (C.numel() == 0) return;
   const at::Tensor A = blas_ready(A_in), B = blas_ready(B_in);
   const Operand a = operand(A), b = operand(B), c = operand(C);
   const int64_t M = C.size(-2), N = C.size(-1), K = ta ? A.size(-2) : A.size(-1);
@@ -82,11 +84,16 @@ __global__ void mirror_upper_kernel(float* __restrict__ H, int64_t n) {
   if (r < n && c < r) H[r * n + c] = H[c * n + r];
 }
 
-// Row-major H (n x n, fp64) += the symmetric matrix whose upper triangle is that of S (fp32).
-__global__ void add_symmetric_kernel(const float* __restrict__ S, double* __restrict__ H, int64_t n) {
+// Row-major H (n x n, fp64): its upper triangle += that of S (fp32), then mirrored onto the lower
+// one, exactly what the fp32 path (SYRK into H, then mirror_upper_kernel) computes.
+__global__ void add_upper_mirrored_kernel(const float* __restrict__ S, double* __restrict__ H, int64_t n) {
   const int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < n && c < n) H[r * n + c] += static_cast<double>(r <= c ? S[r * n + c] : S[c * n + r]);
+  if (r < n && c >= r && c < n) {
+    const double v = H[r * n + c] + static_cast<double>(S[r * n + c]);
+    H[r * n + c] = v;
+    H[c * n + r] = v;
+  }
 }
 
 constexpr unsigned kTileX = 32, kTileY = 8;
@@ -111,8 +118,9 @@ struct CudaBlas {
 
   // H += A^T A (aat = false, A is K x n) or A A^T (aat = true, A is n x K). cuBLAS SYRK with the
   // column-major LOWER triangle fills the row-major upper one, which a kernel then mirrors (fp32
-  // H, updated in place) or adds symmetrically (fp64 H, through an fp32 buffer).
+  // H, updated in place) or adds and mirrors (fp64 H, through an fp32 buffer).
   static void syrk_acc(const at::Tensor& A_in, bool aat, const at::Tensor& H, bool tf32) {
+    if (H.numel() == 0) return;
     const at::Tensor A = blas_ready(A_in);
     const Operand a = operand(A);
     const int64_t n = H.size(0), K = aat ? A.size(1) : A.size(0);
@@ -130,8 +138,8 @@ struct CudaBlas {
     if (fp32) {
       mirror_upper_kernel<<<square_grid(n), dim3(kTileX, kTileY), 0, stream>>>(H.data_ptr<float>(), n);
     } else {
-      add_symmetric_kernel<<<square_grid(n), dim3(kTileX, kTileY), 0, stream>>>(target.data_ptr<float>(),
-                                                                                 H.data_ptr<double>(), n);
+      add_upper_mirrored_kernel<<<square_grid(n), dim3(kTileX, kTileY), 0, stream>>>(target.data_ptr<float>(),
+                                                                                      H.data_ptr<double>(), n);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -4,10 +4,30 @@ from __future__ import annotations
 
 from . import ops
 from ._C import WITH_CUDA
+from .codebooks import IntQuantizer, QuantParams, Quantizer
 from .hadamard import RHT, hadamard_matrix, hadamard_transform
 from .ldl import BlockLDL, block_ldl
 from .ops import input_moment_update, sketch_a_update, sketch_b_update
+from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
 __version__ = "0.1.0"
-__all__ = ["RHT", "WITH_CUDA", "BlockLDL", "block_ldl", "hadamard_matrix", "hadamard_transform", "input_moment_update", "ops",
-           "sketch_a_update", "sketch_b_update", "__version__"]
+__all__ = [
+    "RHT",
+    "WITH_CUDA",
+    "BlockLDL",
+    "IntQuantizer",
+    "QuantParams",
+    "Quantizer",
+    "Rounded",
+    "__version__",
+    "block_ldl",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "input_moment_update",
+    "ldlq_round",
+    "ops",
+    "proxy_loss",
+    "round_to_nearest",
+    "sketch_a_update",
+    "sketch_b_update",
+]

@@ -17,7 +17,14 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "`bash .ci/setup` in the source tree, or `pip install -e . --no-build-isolation`"
     ) from e
 
-__all__ = ["block_ldl", "hadamard_transform", "input_moment_update", "sketch_a_update", "sketch_b_update"]
+__all__ = [
+    "block_ldl",
+    "hadamard_transform",
+    "input_moment_update",
+    "ldlq_round",
+    "sketch_a_update",
+    "sketch_b_update",
+]
 
 
 def block_ldl(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,3 +105,24 @@ def _sketch_a_update_fake(X, G, H_in=None, H_out=None, P_in=None, P_out=None, al
 @torch.library.register_fake("yaqa::input_moment_update")
 def _input_moment_update_fake(X, H, allow_tf32=False) -> None:
     return None
+
+
+def ldlq_round(
+    W: Tensor,
+    L_in: Tensor,
+    L_out: Tensor | None,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int,
+    td_x: int,
+    td_y: int,
+) -> tuple[Tensor, Tensor]:
+    """Two-sided LDLQ of W on the grid ``(code - zeros) * scales``: returns ``(W_hat, codes)``."""
+    return torch.ops.yaqa.ldlq_round.default(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y)
+
+
+@torch.library.register_fake("yaqa::ldlq_round")
+def _ldlq_round_fake(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y) -> tuple[Tensor, Tensor]:
+    torch._check(W.dim() == 2, lambda: "ldlq_round: W must be 2-D")
+    return W.new_empty(W.shape), W.new_empty(W.shape, dtype=torch.uint8)

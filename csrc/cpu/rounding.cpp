@@ -1,0 +1,92 @@
+// Two-sided LDLQ on the CPU (see rounding.h). Row blocks are rounded bottom-up; each starts from the
+// output-side feedback R_i = sum_{i' > i} L_out[i', i]^T G_i' (one GEMM), then its tiles are rounded
+// right to left with GPTQ-style lazy updates of the input-side feedback: exact within a group of
+// tiles, and one GEMM for the columns left of the group once it is done.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../ops.h"
+#include "../rounding.h"
+
+namespace yaqa {
+
+std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const at::Tensor& L_in_t,
+                                                  const std::optional<at::Tensor>& L_out_t, const at::Tensor& scales_t,
+                                                  const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
+                                                  int64_t td_x, int64_t td_y) {
+  const auto [m, n, groups] = check_ldlq_args(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
+  const at::Tensor W = W_in.contiguous(), L_in = L_in_t.contiguous();
+  const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
+  at::Tensor W_hat = at::empty({m, n}, W.options());
+  at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
+  // G = E (I + L_in) for finished row blocks; only needed when there is output-side feedback.
+  at::Tensor G = L_out_t.has_value() ? at::zeros({m, n}, W.options()) : at::Tensor();
+  const at::Tensor L_out = L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor();
+
+  const ScalarGrid grid{static_cast<float>((1 << bits) - 1)};
+  const float* w = W.data_ptr<float>();
+  const float* lin = L_in.data_ptr<float>();
+  const float* s = scales.data_ptr<float>();
+  const float* z = zeros.data_ptr<float>();
+  float* wh = W_hat.data_ptr<float>();
+  uint8_t* cd = codes.data_ptr<uint8_t>();
+  const int64_t n_tiles = n / td_y;
+  const int64_t lazy = std::max<int64_t>(1, 128 / td_y);  // tiles per lazy group
+
+  at::Tensor acc = at::empty({td_x, n}, W.options());  // the feedback of the current row block
+  at::Tensor err = at::empty({td_x, n}, W.options());  // E of the current row block
+  float* a = acc.data_ptr<float>();
+  float* e = err.data_ptr<float>();
+  for (int64_t r0 = m - td_x; r0 >= 0; r0 -= td_x) {
+    at::Tensor R;
+    if (L_out.defined() && r0 + td_x < m) {
+      const int64_t below = m - r0 - td_x;
+      R = at::mm(L_out.narrow(0, r0 + td_x, below).narrow(1, r0, td_x).t(), G.narrow(0, r0 + td_x, below));
+      acc.copy_(R);
+    } else {
+      acc.zero_();
+    }
+    for (int64_t g_end = n_tiles; g_end > 0; g_end -= lazy) {
+      const int64_t g_begin = std::max<int64_t>(0, g_end - lazy);
+      const int64_t col_begin = g_begin * td_y;
+      for (int64_t j = g_end - 1; j >= g_begin; --j) {
+        const int64_t c0 = j * td_y;
+        for (int64_t r = 0; r < td_x; ++r) {
+          const int64_t row = r0 + r;
+          for (int64_t c = c0; c < c0 + td_y; ++c) {
+            const int64_t gi = row * groups + c / group_size;
+            const float x = w[row * n + c] + a[r * n + c];
+            const float q = grid.code(x, s[gi], z[gi]);
+            const float v = grid.value(q, s[gi], z[gi]);
+            cd[row * n + c] = static_cast<uint8_t>(q);
+            wh[row * n + c] = v;
+            e[r * n + c] = w[row * n + c] - v;
+          }
+          // Exact update of the columns of this group left of the tile: acc += e_tile L_in[tile, :].
+          float* arow = a + r * n;
+          for (int64_t k = c0; k < c0 + td_y; ++k) {
+            const float ek = e[r * n + k];
+            const float* lrow = lin + k * n;
+            for (int64_t c = col_begin; c < c0; ++c) arow[c] += ek * lrow[c];
+          }
+        }
+      }
+      if (col_begin > 0) {  // the columns left of the group, in one GEMM
+        const int64_t width = (g_end - g_begin) * td_y;
+        acc.narrow(1, 0, col_begin)
+            .addmm_(err.narrow(1, col_begin, width), L_in.narrow(0, col_begin, width).narrow(1, 0, col_begin));
+      }
+    }
+    if (G.defined()) {  // G_i = E_i (I + L_in) = (acc - R) + E_i
+      at::Tensor Gi = G.narrow(0, r0, td_x);
+      Gi.copy_(acc).add_(err);
+      if (R.defined()) Gi.sub_(R);
+    }
+  }
+  return {W_hat, codes};
+}
+
+TORCH_LIBRARY_IMPL(yaqa, CPU, m) { m.impl("ldlq_round", &ldlq_round_cpu); }
+
+}  // namespace yaqa

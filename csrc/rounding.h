@@ -1,0 +1,84 @@
+// Two-sided LDLQ adaptive rounding (ALGORITHMS.md section 6), pieces shared by the backends.
+//
+// W (m x n) is cut into td_x x td_y tiles (rows = outputs, columns = inputs). With E = W - W_hat over
+// the tiles already rounded, tile (i, j) is rounded as
+//   W_hat_ij = Q(W_ij + [E L_in]_ij + [L_out^T E]_ij + [L_out^T E L_in]_ij),
+// using only the strictly block-lower parts of L_in (td_y blocks) and L_out (td_x blocks). Tile
+// (i, j) depends exactly on the tiles below and to the right of it, so any order that respects
+// that (row blocks bottom-up on the CPU, anti-diagonal wavefronts on CUDA) gives the same result.
+// Both backends keep G = E (I + L_in) for the rounded tiles, so the feedback of tile (i, j) is
+// G_ij + sum_{i' > i} L_out[i', i]^T G_i'j: O(mn(m + n)) work in all.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <optional>
+
+#include "checks.h"
+
+namespace yaqa {
+
+// The scalar grid quantiser: code = clamp(round_half_even(x / s + z), 0, 2^bits - 1), value =
+// (code - z) * s, with a scale s and a zero point z per (row, column group). The one interface a
+// codebook implements: the nearest code of a value, and the value of a code.
+struct ScalarGrid {
+  float max_code;
+  C10_HOST_DEVICE float code(float x, float s, float z) const {
+    const float q = nearbyintf(x / s + z);
+    return fminf(fmaxf(q, 0.0f), max_code);
+  }
+  C10_HOST_DEVICE float value(float q, float s, float z) const {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(q - z, s);  // never fused into a caller's subtraction: E = W - W_hat exactly
+#else
+    return (q - z) * s;
+#endif
+  }
+};
+
+struct RoundingShape {
+  int64_t m, n, groups;
+};
+
+inline RoundingShape check_ldlq_args(const at::Tensor& W, const at::Tensor& L_in, const std::optional<at::Tensor>& L_out,
+                                     const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                                     int64_t group_size, int64_t td_x, int64_t td_y) {
+  constexpr const char* op = "ldlq_round";
+  TORCH_CHECK_TYPE(W.scalar_type() == at::kFloat, op, ": W must be float32, got ", W.scalar_type(),
+                   "; convert it with .float() (rounding is done in fp32)");
+  TORCH_CHECK_VALUE(W.dim() == 2 && W.numel() > 0, op, ": W must be a non-empty 2-D matrix, got shape ", W.sizes());
+  const int64_t m = W.size(0), n = W.size(1);
+  TORCH_CHECK_VALUE(td_x >= 1 && td_y >= 1 && td_x * td_y <= 1024, op, ": tile sizes td_x = ", td_x, ", td_y = ", td_y,
+                    " must be >= 1 with td_x * td_y <= 1024");
+  TORCH_CHECK_VALUE(m % td_x == 0 && n % td_y == 0, op, ": W is ", m, " x ", n, ", not divisible into ", td_x, " x ",
+                    td_y, " tiles; choose td_x dividing m and td_y dividing n");
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  TORCH_CHECK_VALUE(group_size >= 1 && n % group_size == 0, op, ": group_size = ", group_size,
+                    " must divide the number of columns n = ", n);
+  const int64_t groups = n / group_size;
+  check_square(L_in, op, "L_in");
+  TORCH_CHECK_VALUE(L_in.size(0) == n, op, ": L_in must be ", n, " x ", n, " (W has ", n, " columns), got ", L_in.sizes());
+  TORCH_CHECK_TYPE(L_in.scalar_type() == at::kFloat, op, ": L_in must be float32, got ", L_in.scalar_type());
+  check_same_device(W, L_in, op, "W", "L_in");
+  if (L_out.has_value()) {
+    check_square(*L_out, op, "L_out");
+    TORCH_CHECK_VALUE(L_out->size(0) == m, op, ": L_out must be ", m, " x ", m, " (W has ", m, " rows), got ",
+                      L_out->sizes());
+    TORCH_CHECK_TYPE(L_out->scalar_type() == at::kFloat, op, ": L_out must be float32, got ", L_out->scalar_type());
+    check_same_device(W, *L_out, op, "W", "L_out");
+  }
+  for (const auto& [t, name] : {std::pair{&scales, "scales"}, std::pair{&zeros, "zeros"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == m && t->size(1) == groups, op, ": ", name, " must be (", m, ", ",
+                      groups, ") = (rows, n / group_size), got ", t->sizes());
+    check_same_device(W, *t, op, "W", name);
+  }
+  TORCH_CHECK_VALUE(at::isfinite(W).all().item<bool>(), op, ": W has NaN or infinite entries");
+  TORCH_CHECK_VALUE((scales > 0).logical_and_(at::isfinite(scales)).all().item<bool>(), op,
+                    ": scales must be finite and > 0");
+  return {m, n, groups};
+}
+
+}  // namespace yaqa

@@ -1,0 +1,133 @@
+"""Quantisers ("codebooks"): map weights to integer codes and back, ``value = (code - z) * s``."""
+
+from __future__ import annotations
+
+import functools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["IntQuantizer", "QuantParams", "Quantizer", "gaussian_optimal_step"]
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Per-(row, column group) grid of a weight matrix: ``code = clamp(round(w / s + z), 0, 2^bits - 1)``."""
+
+    scales: Tensor
+    """(m, n / group_size) float32, > 0."""
+    zeros: Tensor
+    """(m, n / group_size) float32 zero points (need not be integers)."""
+    bits: int
+    group_size: int
+
+    def expand(self, t: Tensor) -> Tensor:
+        """A per-group tensor repeated over the columns of its group: (m, n)."""
+        return t.repeat_interleave(self.group_size, dim=1)
+
+    def quantize(self, W: Tensor) -> Tensor:
+        """Round-to-nearest codes (uint8) of W, the same arithmetic as the rounding kernels."""
+        q = torch.round(W.float() / self.expand(self.scales) + self.expand(self.zeros))
+        return q.clamp_(0, 2**self.bits - 1).to(torch.uint8)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        """The float32 values of codes."""
+        return (codes.float() - self.expand(self.zeros)) * self.expand(self.scales)
+
+
+class Quantizer(ABC):
+    """A codebook: ``params(W)`` fixes the grid of a weight matrix from its unrounded values."""
+
+    bits: int
+
+    @abstractmethod
+    def params(self, W: Tensor) -> QuantParams: ...
+
+
+@functools.cache
+def gaussian_optimal_step(bits: int) -> float:
+    """The step of the MSE-optimal uniform midrise quantiser with 2^bits levels for N(0, 1)."""
+    levels = 2**bits
+    x = torch.linspace(-12.0, 12.0, 240_001, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+    def mse(step: float) -> float:
+        q = (torch.floor(x / step) + 0.5).clamp(-levels / 2 + 0.5, levels / 2 - 0.5) * step
+        return float(torch.trapezoid((x - q) ** 2 * pdf, x))
+
+    lo, hi = 1e-3, 3.0  # golden-section search; the MSE is unimodal in the step
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = mse(a), mse(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = mse(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = mse(b)
+    return (lo + hi) / 2
+
+
+class IntQuantizer(Quantizer):
+    """Scalar INT-k grid, symmetric (midrise, ``z = (2^k - 1) / 2``) or asymmetric (min-max).
+
+    granularity:
+      - ``"tensor"``: one scale for the matrix. Symmetric: ``s = RMS(W) * step_k`` with step_k the
+        Gaussian MSE-optimal step (for RHT-processed, ~Gaussian weights); asymmetric: min-max.
+      - ``"channel"``: one scale per output row (absmax or min-max of the row).
+      - ``"group"``: one scale per row and ``group_size`` consecutive input columns (GPTQ style).
+    """
+
+    SUPPORTED_BITS = (2, 3, 4, 8)
+
+    def __init__(
+        self,
+        bits: int = 4,
+        symmetric: bool = True,
+        granularity: Literal["tensor", "channel", "group"] = "tensor",
+        group_size: int = 128,
+    ) -> None:
+        if bits not in self.SUPPORTED_BITS:
+            raise ValueError(f"IntQuantizer supports bits in {self.SUPPORTED_BITS}, got {bits}")
+        if granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+        if granularity == "group" and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.bits, self.symmetric, self.granularity, self.group_size = bits, symmetric, granularity, group_size
+
+    def __repr__(self) -> str:
+        group = f", group_size={self.group_size}" if self.granularity == "group" else ""
+        return f"IntQuantizer(bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity!r}{group})"
+
+    def params(self, W: Tensor) -> QuantParams:
+        if W.dim() != 2:
+            raise ValueError(f"IntQuantizer: W must be 2-D, got shape {tuple(W.shape)}")
+        m, n = W.shape
+        gs = self.group_size if self.granularity == "group" else n
+        if n % gs:
+            raise ValueError(f"IntQuantizer: group_size {gs} does not divide the {n} input columns of W")
+        Wf = W.detach().float()
+        top = 2**self.bits - 1
+        if self.granularity == "tensor":
+            blocks = Wf.reshape(1, 1, -1)
+        else:
+            blocks = Wf.reshape(m, n // gs, gs)
+        if self.symmetric and self.granularity == "tensor":
+            s = blocks.square().mean(-1).sqrt() * gaussian_optimal_step(self.bits)
+        elif self.symmetric:
+            s = blocks.abs().amax(-1) / (top / 2)
+        else:  # the range always holds 0, as in GPTQ
+            lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+            s = (hi - lo) / top
+        # An all-zero block: a tiny scale puts every level (the midrise grid has no 0) within 1e-12 of 0.
+        s = torch.where(s > 0, s, torch.full_like(s, 1e-12))
+        z = torch.full_like(s, top / 2) if self.symmetric else torch.round(-lo / s).clamp(0, top) + 0.0
+        shape = (m, n // gs)
+        return QuantParams(s.expand(shape).contiguous(), z.expand(shape).contiguous(), self.bits, gs)

@@ -1,0 +1,82 @@
+"""Quantiser grids: scales and zero points against their definitions, the Gaussian-optimal step
+against the published values (Max 1960), round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from yaqa_ext import IntQuantizer, round_to_nearest
+from yaqa_ext.codebooks import gaussian_optimal_step
+
+
+@pytest.mark.parametrize(("bits", "published"), [(2, 0.9957), (3, 0.5860), (4, 0.3352)])
+def test_gaussian_optimal_step_matches_max_1960(bits, published):
+    assert gaussian_optimal_step(bits) == pytest.approx(published, abs=2e-4)
+
+
+def test_tensor_symmetric_scale_is_rms_times_step():
+    W = torch.randn(32, 64)
+    p = IntQuantizer(3).params(W)
+    assert p.scales.shape == (32, 1) and p.group_size == 64
+    expected = W.double().square().mean().sqrt() * gaussian_optimal_step(3)
+    torch.testing.assert_close(p.scales, torch.full((32, 1), float(expected)), rtol=1e-6, atol=0)
+    assert torch.all(p.zeros == 3.5)
+
+
+def test_channel_symmetric_covers_absmax():
+    W = torch.randn(8, 16)
+    p = IntQuantizer(4, granularity="channel").params(W)
+    torch.testing.assert_close(p.scales[:, 0], W.abs().amax(1) / 7.5)
+    W_hat, codes = round_to_nearest(W, p)
+    # the row's largest magnitude sits on the outermost level of its grid
+    r = torch.arange(8)
+    assert torch.allclose(W_hat.abs()[r, W.abs().argmax(1)], W.abs().amax(1), rtol=1e-6)
+
+
+def test_group_asymmetric_grid_holds_min_max_and_zero():
+    W = torch.rand(4, 32) + 0.5  # all positive: the range [0, max] must still hold 0
+    p = IntQuantizer(2, symmetric=False, granularity="group", group_size=8).params(W)
+    assert p.scales.shape == (4, 4)
+    top = 3
+    torch.testing.assert_close(p.scales, W.view(4, 4, 8).amax(-1) / top)
+    assert torch.all(p.zeros == 0)
+    assert torch.equal(p.dequantize(torch.zeros(4, 32, dtype=torch.uint8)), torch.zeros(4, 32))
+
+
+def test_values_on_the_grid_round_trip_exactly():
+    q = IntQuantizer(3, symmetric=False, granularity="channel")
+    W = torch.randn(6, 24)
+    p = q.params(W)
+    codes = torch.randint(0, 8, (6, 24), dtype=torch.uint8)
+    grid_values = p.dequantize(codes)
+    assert torch.equal(round_to_nearest(grid_values, p).codes, codes)
+
+
+def test_round_to_nearest_error_bound():
+    W = torch.randn(16, 64)
+    for bits in (2, 3, 4, 8):
+        p = IntQuantizer(bits, granularity="channel").params(W)
+        W_hat, _ = round_to_nearest(W, p)
+        # every weight is inside its row's [-absmax, absmax]: error <= half a step
+        assert torch.all((W_hat - W).abs() <= p.scales / 2 * (1 + 1e-5))
+
+
+def test_all_zero_rows_get_a_valid_scale():
+    W = torch.zeros(4, 8)
+    W[1] = 1.0
+    for q in (IntQuantizer(2, granularity="channel"), IntQuantizer(4, symmetric=False, granularity="channel")):
+        p = q.params(W)
+        assert torch.all(p.scales > 0)
+        assert torch.all(round_to_nearest(W, p).W_hat[0].abs() <= 1e-11)
+
+
+def test_bad_configurations():
+    with pytest.raises(ValueError, match=r"supports bits in \(2, 3, 4, 8\), got 5"):
+        IntQuantizer(5)
+    with pytest.raises(ValueError, match="granularity must be"):
+        IntQuantizer(4, granularity="row")
+    with pytest.raises(ValueError, match="group_size 128 does not divide the 96 input columns"):
+        IntQuantizer(4, granularity="group", group_size=128).params(torch.randn(4, 96))
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        IntQuantizer(4).params(torch.randn(4))
