@@ -7,14 +7,13 @@ Prints the median time of each and the ratio reference / ours (> 1: ours is fast
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, devices_arg, median_seconds  # noqa: E402
+from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
 import yaqa_ext  # noqa: E402
 
@@ -37,12 +36,10 @@ def spd(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096, 8192])
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    devices_arg(parser)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"block_ldl, {args.dtype}, block size {args.block_size}, torch {torch.__version__}")

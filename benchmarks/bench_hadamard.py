@@ -7,25 +7,22 @@ Prints median times and the ratio dense / ours (> 1: ours is faster).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, devices_arg, median_seconds  # noqa: E402
+from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
 from yaqa_ext import hadamard_matrix, hadamard_transform  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096, 11008, 14336])
     parser.add_argument("--rows", type=int, default=None, help="rows transformed (default: 512 on CPU, 8192 on GPU)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    devices_arg(parser)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"hadamard_transform, {args.dtype}, torch {torch.__version__}")

@@ -9,14 +9,13 @@ op keeps it incrementally (O(mn(m + n)) in all). Prints median times and the rat
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, devices_arg, median_seconds  # noqa: E402
+from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
 from yaqa_ext import IntQuantizer, block_ldl, ldlq_round  # noqa: E402
 
@@ -54,12 +53,10 @@ def problem(m: int, n: int, t: int, device: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, repeats=3)
     parser.add_argument("--compare", type=int, default=1024, help="size of the square comparison (default: %(default)s)")
     parser.add_argument("--alone", type=int, default=4096, help="size timed alone (default: %(default)s)")
     parser.add_argument("--tile", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    devices_arg(parser)
     args = parser.parse_args()
     t = args.tile
     print(f"ldlq_round two-sided, INT4 per-tensor, {t}x{t} tiles, torch {torch.__version__}")

@@ -9,14 +9,13 @@ factors: mn(n+1) + nm(m+1) per sequence, as SYRK counts them) per second, divide
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, devices_arg, median_seconds  # noqa: E402
+from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
 from yaqa_ext import sketch_b_update  # noqa: E402
 
@@ -35,13 +34,11 @@ def matmul_gflops(size: int, device: str, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--shapes", nargs="+", default=None, help="n,m,T triples (default: GPU 4096,4096,2048 "
                         "and 4096,14336,2048; CPU 512,512,256 and 512,1792,256)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per update (default: %(default)s)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 on GPU (the matmul baseline too)")
-    parser.add_argument("--repeats", type=int, default=5)
-    devices_arg(parser)
     args = parser.parse_args()
     print(f"sketch_b_update, fp32 products{' (TF32 allowed)' if args.tf32 else ''}, batch {args.batch}, torch {torch.__version__}")
     print(f"{'device':40s} {'n':>6s} {'m':>6s} {'T':>5s} {'ours ms':>9s} {'einsum ms':>10s} {'speedup':>8s} "

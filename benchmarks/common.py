@@ -36,6 +36,10 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def devices_arg(parser: argparse.ArgumentParser) -> None:
+def benchmark_parser(doc: str | None, repeats: int = 5) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes: --devices and --repeats."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--devices", nargs="+", default=default, help="default: %(default)s")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per measurement (default: %(default)s)")
+    return parser
