@@ -26,3 +26,25 @@ def shared() -> Path:
     if not (SHARED / "models").is_dir():
         pytest.skip(f"shared data folder not found at {SHARED}")
     return SHARED
+
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt_neox", "opt", "gpt2")
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny random-weight causal LM of one of the supported families (2 decoder layers, vocab 64)."""
+    import transformers as tf
+
+    common = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(hidden_size=16, intermediate_size=24, num_key_value_heads=1, **common),
+        "qwen2": lambda: tf.Qwen2Config(hidden_size=16, intermediate_size=24, num_key_value_heads=1, **common),
+        "mistral": lambda: tf.MistralConfig(hidden_size=16, intermediate_size=24, num_key_value_heads=1, **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=16, intermediate_size=24, **common),
+        "opt": lambda: tf.OPTConfig(hidden_size=16, ffn_dim=24, word_embed_proj_dim=16, **common),
+        "gpt2": lambda: tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0),
+    }
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(configs[arch]())
+    return model.to(dtype).eval()

@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import torch
-from torch import nn
 
-from .data import read_texts, token_sequences
+from .data import read_texts
+from .hessians import collect_hessians, load_hessians
 from .ldl import block_ldl
 from .models import load_model, shared_dir
 
-__all__ = ["input_hessians", "run_demo"]
-
-
-@torch.no_grad()
-def input_hessians(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """``H = sum_t x_t^T x_t`` (fp64) of the inputs of every ``nn.Linear`` except the LM head."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not model.get_output_embeddings()}
-    hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=tokens.device) for name, m in linears.items()}
-
-    def hook(name):
-        def accumulate(_module, inputs, _output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            hessians[name].addmm_(x.T, x)
-
-        return accumulate
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
-        for batch in tokens.split(batch_size):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return hessians
+__all__ = ["run_demo"]
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -44,10 +22,13 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 def run_demo(model_name: str, data: str | None, n_seqs: int, seq_len: int, block_size: int, device: str) -> None:
     model, tokenizer = load_model(model_name, device=device)
     source = data if data is not None else shared_dir() / "data" / "corpus" / "moby-dick" / "moby-dick.txt"
-    tokens = token_sequences(tokenizer, read_texts(source), n_seqs, seq_len).to(device)
     print(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{tokens.numel():,} tokens of {source}")
-    hessians = input_hessians(model, tokens)
+          f"{n_seqs * seq_len:,} tokens of {source}")
+    with tempfile.TemporaryDirectory() as tmp:
+        collect_hessians(model, read_texts(source), tmp, tokenizer=tokenizer, sketch="input", n_seqs=n_seqs,
+                         seq_len=seq_len, accum_dtype=torch.float64, progress=False)
+        factors = load_hessians(tmp)
+        hessians = {name: factors.load(name, device)[0] for name in factors.modules}
     print(f"{'layer':40s} {'n':>5s} {'block':>5s} {'damp':>6s} {'rel. error':>10s} {'ms':>7s}")
     for name, H in hessians.items():
         H = H.float()

@@ -1,0 +1,559 @@
+"""Hessian collection: per-layer Kronecker factors ``H_O ⊗ H_I`` of the KL Hessian (Sketch A / B) or the
+input second moment ``sum_t x_t^T x_t``, gathered with hooks in the forward and backward passes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from . import ops
+from .data import prepare_tokens
+
+__all__ = [
+    "SKETCHES",
+    "HessianFactors",
+    "TargetModule",
+    "collect_hessians",
+    "decoder_layers",
+    "find_targets",
+    "load_hessians",
+    "sample_targets",
+]
+
+SKETCHES = ("input", "A", "B")
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which modules
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of an nn.Linear or a GPT-2 style Conv1D (weight stored n x m)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return module.nf, module.nx
+    return None
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder blocks: the longest ``nn.ModuleList`` whose blocks hold linear layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if any(_linear_shape(m) is not None for m in module[0].modules()):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no supported linear layer (nn.Linear or Conv1D) inside a list of decoder "
+            "blocks (an nn.ModuleList); yaqa_ext collects Hessians for decoder-only transformer LMs"
+        )
+    return best
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    name: str
+    layer: int
+    module: nn.Module
+    out_features: int
+    in_features: int
+
+
+def find_targets(
+    model: nn.Module, layers: list[int] | None = None, include: str | None = None, exclude: str | None = None
+) -> list[TargetModule]:
+    """The linear layers inside the decoder blocks (lm_head and embeddings are outside them).
+
+    ``layers`` selects decoder blocks by index; ``include`` / ``exclude`` are regular expressions
+    matched (``re.search``) against full module names.
+    """
+    import re
+
+    prefix, blocks = decoder_layers(model)
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < len(blocks)]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {len(blocks)} decoder layers (0..{len(blocks) - 1})")
+    targets = []
+    for i, block in enumerate(blocks):
+        if layers is not None and i not in layers:
+            continue
+        for sub, module in block.named_modules():
+            shape = _linear_shape(module)
+            name = f"{prefix}.{i}.{sub}"
+            if shape is None or (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
+                continue
+            targets.append(TargetModule(name, i, module, *shape))
+    if not targets:
+        raise ValueError("no linear layer selected: check layers=, include= and exclude=")
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _mix(*values: int) -> int:
+    digest = hashlib.blake2b(b",".join(str(v).encode() for v in values), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_targets(logits: Tensor, seed: int, round_index: int, seq_ids: list[int]) -> Tensor:
+    """Next tokens sampled from the model's own distribution ``softmax(logits)``, (B, T).
+
+    Sequence ``s`` of round ``r`` always draws from a generator seeded by ``(seed, r, s)``, so the
+    targets do not depend on batching, sharding across ranks, or resuming.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    out = torch.empty(logits.shape[:2], dtype=torch.long, device=logits.device)
+    for b, s in enumerate(seq_ids):
+        g = torch.Generator(device=logits.device).manual_seed(_mix(seed, round_index, s))
+        out[b] = torch.multinomial(probs[b], 1, generator=g).squeeze(-1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rounds
+
+
+def _round_plan(sketch: str, power_iters: int) -> list[str]:
+    """The passes over the data. 'input': H_in += sum x^T x (forward only). 'B': both factors of
+    Sketch B (power-iteration weights from the previous 'B' pass). 'A_out' / 'A_in': one
+    half-iteration of Sketch A (ALGORITHMS.md section 3)."""
+    if sketch == "input":
+        return ["input"]
+    if sketch == "B":
+        return ["B"] * power_iters
+    return ["input"] + [("A_out", "A_in")[k % 2] for k in range(power_iters)]
+
+
+def _normalised(H: Tensor) -> Tensor:
+    """``H / ||H||_F^2`` in fp32: the power-iteration weight (scale is irrelevant, this keeps it ~1)."""
+    return (H / H.double().norm().square().clamp_min(1e-300)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors written to a temporary file, flushed, then renamed: a reader sees all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _layer_file(layer: int) -> str:
+    return f"layer_{layer:03d}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Collection
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _Collector:
+    """Hooks that feed the accumulation ops during one pass, and the factors they fill."""
+
+    def __init__(self, targets: list[TargetModule], device: torch.device, dtype: torch.dtype, allow_tf32: bool):
+        self.targets = {t.name: t for t in targets}
+        self.device, self.dtype, self.allow_tf32 = device, dtype, allow_tf32
+        self.kind = "input"
+        self.acc: dict[str, Tensor] = {}  # '<name>.H_in' / '<name>.H_out' of the current pass
+        self.prev: dict[str, Tensor] = {}  # the latest finished factors
+        self.weights: dict[str, Tensor] = {}  # normalised previous factors, the power-iteration weights
+        self.updates: dict[str, int] = {}
+        self.batch_shape = (0, 0)  # (sequences, tokens) of the forward pass in flight
+
+    def start_round(self, kind: str, acc: dict[str, Tensor] | None = None) -> None:
+        self.kind = kind
+        sides = {"input": ("H_in",), "B": ("H_in", "H_out"), "A_out": ("H_out",), "A_in": ("H_in",)}[kind]
+        if acc is None:
+            acc = {}
+            for t in self.targets.values():
+                for side in sides:
+                    size = t.in_features if side == "H_in" else t.out_features
+                    acc[f"{t.name}.{side}"] = torch.zeros(size, size, dtype=self.dtype, device=self.device)
+        self.acc = acc
+        self.weights = {k: _normalised(v) for k, v in self.prev.items()} if kind != "input" else {}
+        self.updates = dict.fromkeys(self.targets, 0)
+
+    def finish_round(self) -> None:
+        for name, count in self.updates.items():
+            if count == 0:
+                raise RuntimeError(
+                    f"module {name} received no {'input' if self.kind == 'input' else 'gradient'} in this pass: it is "
+                    "not used by the model's forward, or the gradient does not reach it"
+                )
+        for key, H in self.acc.items():
+            if not bool(torch.isfinite(H).all()):
+                raise FloatingPointError(f"the factor {key} has NaN or infinite entries (non-finite activations or gradients)")
+        self.prev.update(self.acc)
+
+    def forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x = inputs[0].detach()
+            if self.kind == "input":
+                ops.input_moment_update(x.to(self.device), self.acc[f"{name}.H_in"], self.allow_tf32)
+                self.updates[name] += 1
+            elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+                B, T = self.batch_shape
+                if x.shape[:-1].numel() != B * T:
+                    raise ValueError(f"{name} saw inputs of shape {tuple(x.shape)} in a forward pass of {B} x {T} tokens; "
+                                     "yaqa_ext needs one input row per token")
+                # Per-sequence structure, also for models that flatten tokens (e.g. OPT's MLP).
+                output.register_hook(functools.partial(self._on_grad, name, x.reshape(B, T, -1)))
+
+        return hook
+
+    def _on_grad(self, name: str, x: Tensor, g: Tensor) -> None:
+        X, G = x.to(self.device), g.detach().reshape(*x.shape[:2], -1).to(self.device)
+        w = self.weights
+        if self.kind == "B":
+            ops.sketch_b_update(
+                X, G, self.acc[f"{name}.H_in"], self.acc[f"{name}.H_out"],
+                w.get(f"{name}.H_in"), w.get(f"{name}.H_out"), self.allow_tf32,
+            )
+        elif self.kind == "A_out":
+            ops.sketch_a_update(X, G, None, self.acc[f"{name}.H_out"], w[f"{name}.H_in"], None, self.allow_tf32)
+        else:  # A_in: the weights of the previous H_out half-iteration
+            ops.sketch_a_update(X, G, self.acc[f"{name}.H_in"], None, None, w[f"{name}.H_out"], self.allow_tf32)
+        self.updates[name] += 1
+
+
+def _require_grad_hook(module: nn.Module, inputs: tuple, output):
+    """Make a block's (or the embedding's) output the start of the backward graph."""
+    first = output[0] if isinstance(output, tuple) else output
+    if isinstance(first, Tensor) and first.is_floating_point() and not first.requires_grad:
+        first.requires_grad_(True)
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    """A block forward recomputed in the backward pass (reentrant checkpointing: the first pass runs
+    without grad, so the collection hooks only act on the recomputation)."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():  # the forward-only 'input' pass has nothing to recompute
+            return forward(*args, **kwargs)
+        return checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=True)
+
+    return run
+
+
+def _fingerprint(model: nn.Module, tokens: Tensor, settings: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(tokens.cpu().numpy().tobytes())
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def collect_hessians(
+    model: nn.Module,
+    data,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    sketch: str = "B",
+    power_iters: int = 1,
+    n_seqs: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    layers: list[int] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    accum_dtype: torch.dtype = torch.float32,
+    factor_device: str | torch.device | None = None,
+    seed: int = 0,
+    resume: bool = True,
+    checkpoint_interval: float = 600.0,
+    gradient_checkpointing: bool = False,
+    allow_tf32: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Collect each decoder linear layer's Kronecker factors into ``out_dir``; returns ``out_dir``.
+
+    ``sketch="B"``: ``H_I = sum_b Gw_b^T Gw_b``, ``H_O = sum_b Gw_b Gw_b^T`` from per-sequence
+    gradients (``power_iters`` passes, each later one weighted by the previous factors);
+    ``"A"``: the per-token power iteration (one forward pass for ``sum x^T x``, then
+    ``power_iters`` half-iterations, the first updating H_O); ``"input"``: ``sum x^T x`` only
+    (the GPTQ / LDLQ Hessian). Gradients come from the loss of targets sampled from the model's
+    own output distribution. ``data``: see :func:`yaqa_ext.data.prepare_tokens`.
+
+    Progress is checkpointed atomically every ``checkpoint_interval`` seconds and at the end of
+    each pass; a run that is killed and started again (``resume=True``) ends with the same
+    factors as an uninterrupted one. Under ``torch.distributed`` each rank takes every
+    world_size-th sequence and the factors are sum-reduced (gloo for CPU factors, nccl for GPU).
+    The model is left as it was: hooks removed, no gradients, parameters untouched.
+
+    Output: ``layer_XXX.safetensors`` with ``<module>.H_in`` (and ``<module>.H_out``) per decoder
+    layer, and ``manifest.json``; read them with :func:`load_hessians`.
+    """
+    if sketch not in SKETCHES:
+        raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
+    if power_iters < 1:
+        raise ValueError(f"power_iters must be >= 1, got {power_iters}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if accum_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
+    out = Path(out_dir)
+    rank, world = _dist_info()
+    model_device = next(model.parameters()).device
+    device = torch.device(factor_device) if factor_device is not None else model_device
+    targets = find_targets(model, layers, include, exclude)
+    tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
+    plan = _round_plan(sketch, power_iters)
+    settings = {
+        "sketch": sketch, "power_iters": power_iters, "n_seqs": n_seqs, "seq_len": seq_len, "batch_size": batch_size,
+        "layers": sorted({t.layer for t in targets}), "modules": [t.name for t in targets], "seed": seed,
+        "accum_dtype": str(accum_dtype).removeprefix("torch."), "world_size": world,
+    }
+    fingerprint = _fingerprint(model, tokens, settings)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if resume and old.get("fingerprint") == fingerprint:
+            return out
+        if resume:
+            raise FileExistsError(
+                f"{out} holds Hessians collected with other settings, model or data; pass resume=False to "
+                "overwrite them, or choose another out_dir"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / f"collect-state-rank{rank}.safetensors"
+
+    collector = _Collector(targets, device, accum_dtype, allow_tf32)
+    round_index, next_batch, acc = 0, 0, None
+    if resume and state_path.exists():
+        with safe_open(str(state_path), "pt") as f:
+            meta = f.metadata()
+        if meta.get("fingerprint") != fingerprint:
+            raise FileExistsError(
+                f"{state_path} is an interrupted collection with other settings, model or data; pass resume=False "
+                "to start over, or choose another out_dir"
+            )
+        saved = load_file(str(state_path), device=str(device))
+        collector.prev = {k.removeprefix("prev."): v for k, v in saved.items() if k.startswith("prev.")}
+        acc = {k.removeprefix("acc."): v for k, v in saved.items() if k.startswith("acc.")} or None
+        round_index, next_batch = int(meta["round"]), int(meta["next_batch"])
+
+    def save_state(r: int, b: int) -> None:
+        tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
+        _atomic_save(tensors, state_path, {"fingerprint": fingerprint, "round": str(r), "next_batch": str(b)})
+
+    my_seqs = list(range(rank, n_seqs, world))
+    batches = [my_seqs[i : i + batch_size] for i in range(0, len(my_seqs), batch_size)]
+    _, blocks = decoder_layers(model)
+    lowest = min(t.layer for t in targets)
+    start_module = model.get_input_embeddings() if lowest == 0 else blocks[lowest - 1]
+
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    handles = []
+    patched: list[nn.Module] = []
+    bar = tqdm(total=len(plan) * len(batches), initial=round_index * len(batches) + next_batch,
+               desc=f"collect sketch {sketch}", unit="batch", disable=not progress or rank != 0)
+    try:
+        model.eval()
+        for p, _ in saved_flags:
+            p.requires_grad_(False)
+        handles = [t.module.register_forward_hook(collector.forward_hook(t.name)) for t in targets]
+        handles.append(start_module.register_forward_hook(_require_grad_hook))
+        if gradient_checkpointing:
+            for block in list(blocks)[lowest:]:
+                block.forward = _checkpointed(block.forward)
+                patched.append(block)
+        last_save = time.monotonic()
+        while round_index < len(plan):
+            kind = plan[round_index]
+            collector.start_round(kind, acc)
+            acc = None
+            started, seen = time.monotonic(), 0
+            for b in range(next_batch, len(batches)):
+                seq_ids = batches[b]
+                ids = tokens[seq_ids].to(model_device)
+                collector.batch_shape = tuple(ids.shape)
+                if kind == "input":
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False)
+                else:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                    if not bool(torch.isfinite(logits).all()):
+                        raise FloatingPointError(
+                            f"non-finite logits on sequences {seq_ids[0]}..{seq_ids[-1]} of pass {round_index}: the "
+                            "model overflows (fp16?) or holds NaN/inf weights"
+                        )
+                    targets_b = sample_targets(logits, seed, round_index, seq_ids)
+                    loss = F.cross_entropy(logits.flatten(0, 1), targets_b.flatten(), reduction="sum") / seq_len
+                    loss.backward()
+                seen += ids.numel()
+                bar.update(1)
+                bar.set_postfix(tokens_per_s=f"{seen / max(time.monotonic() - started, 1e-9):.0f}", refresh=False)
+                if time.monotonic() - last_save >= checkpoint_interval and b + 1 < len(batches):
+                    save_state(round_index, b + 1)
+                    last_save = time.monotonic()
+            if world > 1:
+                for H in collector.acc.values():
+                    torch.distributed.all_reduce(H)
+            collector.finish_round()
+            round_index, next_batch = round_index + 1, 0
+            collector.acc = {}
+            save_state(round_index, 0)  # after the last pass too: a restart goes straight to writing
+            last_save = time.monotonic()
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+        for block in patched:
+            del block.forward
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+
+    if rank == 0:
+        by_layer: dict[int, dict[str, Tensor]] = {}
+        for t in targets:
+            for side in ("H_in", "H_out"):
+                key = f"{t.name}.{side}"
+                if key in collector.prev:
+                    by_layer.setdefault(t.layer, {})[key] = collector.prev[key]
+        for layer, tensors in by_layer.items():
+            _atomic_save(tensors, out / _layer_file(layer))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "model": str(getattr(model, "name_or_path", "") or type(model).__name__),
+            "passes": plan,
+            "tokens": n_seqs * seq_len,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "yaqa_ext_version": _version(),
+            "torch_version": torch.__version__,
+            **settings,
+            "module_info": {
+                t.name: {"layer": t.layer, "file": _layer_file(t.layer), "in_features": t.in_features,
+                         "out_features": t.out_features}
+                for t in targets
+            },
+        }
+        _atomic_write_text(json.dumps(manifest, indent=2), manifest_path)
+    if world > 1:
+        torch.distributed.barrier()
+    state_path.unlink(missing_ok=True)
+    return out
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class HessianFactors:
+    """The factors in a collection folder, loaded one module at a time."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a finished Hessian collection (run collect first)")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{manifest} is not valid JSON ({e}); the collection is corrupt") from e
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{manifest}: format version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}")
+
+    @property
+    def sketch(self) -> str:
+        return self.manifest["sketch"]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.manifest["module_info"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.manifest["module_info"]
+
+    def load(self, name: str, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor | None]:
+        """``(H_in, H_out)`` of a module (``H_out`` is None for the 'input' sketch)."""
+        info = self.manifest["module_info"].get(name)
+        if info is None:
+            raise KeyError(f"{self.path} has no factors for module {name!r} (it has {len(self.modules)} modules)")
+        file = self.path / info["file"]
+        try:
+            with safe_open(str(file), "pt", device=str(device)) as f:
+                keys = set(f.keys())
+                H_in = f.get_tensor(f"{name}.H_in")
+                H_out = f.get_tensor(f"{name}.H_out") if f"{name}.H_out" in keys else None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{file} is missing: the collection in {self.path} is incomplete") from e
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            if isinstance(e, KeyError):
+                raise
+            raise ValueError(f"{file} cannot be read ({e}); the collection is corrupt") from e
+        expect = (info["in_features"],) * 2
+        if tuple(H_in.shape) != expect:
+            raise ValueError(f"{file}: {name}.H_in has shape {tuple(H_in.shape)}, expected {expect}")
+        return H_in, H_out
+
+
+def load_hessians(path: str | os.PathLike) -> HessianFactors:
+    """Open a folder written by :func:`collect_hessians`."""
+    return HessianFactors(path)
+
