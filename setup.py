@@ -57,9 +57,18 @@ def _extension():
     )
 
 
+class _BuildExt(BuildExtension):
+    """One object cache (build/temp) for `setup.py build_ext --inplace` and `pip install -e .`, which
+    would otherwise compile everything again in a throw-away folder."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
 os.environ.setdefault("MAX_JOBS", "2")
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
