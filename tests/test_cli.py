@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+
+import torch
 
 from yaqa_ext.cli import main
 
@@ -33,3 +36,38 @@ def test_collect_command_writes_a_resumable_collection(shared, tmp_path, capsys)
     assert h.manifest["tokens"] == 128 and len(h.modules) == 14
     assert main(args) == 0  # the same command again: already complete, reused
     assert f"Hessian factors written to {tmp_path}" in capsys.readouterr().out
+
+
+def test_quantize_then_eval_commands(shared, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from yaqa_ext import QuantizedLinear
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--method", "ldlq", "--bits", "3", "--out", str(out), "--n-seqs", "8", "--seq-len", "64",
+                 "--device", "cpu", "--skip", r"layers\.4\."]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert isinstance(model.model.layers[4].self_attn.q_proj, torch.nn.Linear)  # skipped
+    report = (out / "quantization_report.json").read_text()
+    assert '"method": "ldlq"' in report
+    capsys.readouterr()
+    assert main(["eval", "--quant", str(out), "--n-seqs", "4", "--seq-len", "64", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out
+    kl = float(re.search(r"KL\(orig \|\| quant\) = ([0-9.]+)", line).group(1))
+    assert 0 < kl < 5
+
+
+def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path), "--methods", "rtn", "yaqa-B", "--bits", "4", "--n-seqs", "8", "--seq-len",
+            "64", "--eval-seqs", "4", "--eval-len", "64", "--device", "cpu"]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["method"], r["bits"]) for r in rows} == {("rtn", 4), ("yaqa-B", 4)}
+    table = (tmp_path / "results.md").read_text()
+    assert "| 4 | rtn |" in table and "| 4 | yaqa-B |" in table
+    capsys.readouterr()
+    assert main(args) == 0  # every row is done: nothing is collected or quantized again
+    second = capsys.readouterr().out
+    assert "bit seed" not in second and "factors for" not in second and "| 4 | yaqa-B |" in second
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2

@@ -5,9 +5,14 @@ from __future__ import annotations
 from . import ops
 from ._C import WITH_CUDA
 from .codebooks import IntQuantizer, QuantParams, Quantizer
+from .evaluation import EvalResult, evaluate
 from .hadamard import RHT, hadamard_matrix, hadamard_transform
+from .hessians import collect_hessians, load_hessians
+from .hf import QuantConfig
 from .ldl import BlockLDL, block_ldl
 from .ops import input_moment_update, sketch_a_update, sketch_b_update
+from .qlinear import QuantizedLinear
+from .quantize import QuantReport, quantize
 from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
 __version__ = "0.1.0"
@@ -15,18 +20,26 @@ __all__ = [
     "RHT",
     "WITH_CUDA",
     "BlockLDL",
+    "EvalResult",
     "IntQuantizer",
+    "QuantConfig",
     "QuantParams",
+    "QuantReport",
+    "QuantizedLinear",
     "Quantizer",
     "Rounded",
     "__version__",
     "block_ldl",
+    "collect_hessians",
+    "evaluate",
     "hadamard_matrix",
     "hadamard_transform",
     "input_moment_update",
     "ldlq_round",
+    "load_hessians",
     "ops",
     "proxy_loss",
+    "quantize",
     "round_to_nearest",
     "sketch_a_update",
     "sketch_b_update",

@@ -62,6 +62,51 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--checkpoint-interval", type=float, default=600.0, help="seconds between checkpoints (default: %(default)s)")
     col.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward (less memory)")
     col.add_argument("--tf32", action="store_true", help="allow TF32 products on GPU")
+
+    qua = sub.add_parser("quantize", help="quantize a model and save it (loadable with from_pretrained)",
+                         description="Quantize every decoder linear layer and save the model with save_pretrained; "
+                         "after `import yaqa_ext`, AutoModelForCausalLM.from_pretrained(OUT) loads it.")
+    qua.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
+    qua.add_argument("--out", required=True, help="output folder for the quantized model")
+    qua.add_argument("--method", choices=["yaqa", "ldlq", "rtn"], default="yaqa", help="default: %(default)s")
+    qua.add_argument("--bits", type=int, default=2, help="2, 3, 4 or 8 (default: %(default)s)")
+    qua.add_argument("--hessians", default=None, help="folder from `yaqa collect` (default: collect from --data first)")
+    qua.add_argument("--data", default=None, help="calibration text when collecting (default: the shared calibration corpus)")
+    qua.add_argument("--n-seqs", type=int, default=128, help="calibration sequences when collecting (default: %(default)s)")
+    qua.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
+    qua.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per tensor)")
+    qua.add_argument("--asymmetric", action="store_true", help="min-max grid with zero points")
+    qua.add_argument("--no-rht", action="store_true", help="no random Hadamard transform")
+    qua.add_argument("--sigma-reg", type=float, default=1e-2, help="relative damping (default: %(default)s)")
+    qua.add_argument("--td-x", type=int, default=16, help="tile rows (default: %(default)s)")
+    qua.add_argument("--td-y", type=int, default=16, help="tile columns (default: %(default)s)")
+    qua.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    qua.add_argument("--skip", action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
+    qua.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
+    qua.add_argument("--device", default=default_device, help="default: %(default)s")
+
+    ev = sub.add_parser("eval", help="KL(original || quantized) and perplexities on held-out text")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="the original model (default: %(default)s)")
+    ev.add_argument("--quant", required=True, help="the quantized model's folder (from `yaqa quantize`)")
+    ev.add_argument("--data", default=None, help="text (default: the shared evaluation corpus)")
+    ev.add_argument("--n-seqs", type=int, default=64, help="default: %(default)s")
+    ev.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
+    ev.add_argument("--device", default=default_device, help="default: %(default)s")
+
+    run = sub.add_parser("run", help="the whole pipeline on a model: collect, quantize (rtn / ldlq / yaqa-A / "
+                         "yaqa-B at 2, 3, 4 bits), evaluate, print the table",
+                         description="Collect factors, quantize with every method and bit width, evaluate KL and "
+                         "perplexity on held-out text. Resumable: finished rows are kept in OUT/results.json.")
+    run.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
+    run.add_argument("--out", default=None, help="work folder (default: yaqa_out/<model name>)")
+    run.add_argument("--methods", nargs="+", default=["rtn", "ldlq", "yaqa-A", "yaqa-B"], help="default: %(default)s")
+    run.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], help="default: %(default)s")
+    run.add_argument("--seeds", nargs="+", type=int, default=[0], help="default: %(default)s")
+    run.add_argument("--n-seqs", type=int, default=128, help="calibration sequences (default: %(default)s)")
+    run.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
+    run.add_argument("--eval-seqs", type=int, default=64, help="default: %(default)s")
+    run.add_argument("--eval-len", type=int, default=256, help="default: %(default)s")
+    run.add_argument("--device", default=default_device, help="default: %(default)s")
     return parser
 
 
@@ -88,6 +133,39 @@ def _collect(args: argparse.Namespace) -> None:
     print(f"Hessian factors written to {out}")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from .data import corpus_texts
+    from .hf import QuantConfig
+    from .models import load_model
+    from .quantize import quantize
+
+    config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                         rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
+                         skip=args.skip)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    data = None if args.method == "rtn" or args.hessians else (args.data or corpus_texts("calibration"))
+    report = quantize(model, config, hessians=args.hessians, data=data, tokenizer=tokenizer, n_seqs=args.n_seqs,
+                      seq_len=args.seq_len)
+    print(report.table())
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    report.save(os.path.join(args.out, "quantization_report.json"))
+    print(f"quantized model saved to {args.out} ({report.bits_per_weight:.3f} bits/weight)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .data import corpus_texts
+    from .evaluation import evaluate
+    from .models import load_model
+
+    orig, tokenizer = load_model(args.model, device=args.device)
+    quant, _ = load_model(args.quant, device=args.device)
+    data = args.data if args.data is not None else corpus_texts("evaluation")
+    r = evaluate(orig, quant, data, tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len)
+    print(f"KL(orig || quant) = {r.kl:.5f} nats/token over {r.tokens} tokens; perplexity {r.ppl_orig:.3f} (original) "
+          f"-> {r.ppl_quant:.3f} (quantized)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -100,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.model, args.data, args.n_seqs, args.seq_len, args.block_size, args.device)
     elif args.command == "collect":
         _collect(args)
+    elif args.command == "quantize":
+        _quantize(args)
+    elif args.command == "eval":
+        _eval(args)
+    elif args.command == "run":
+        from pathlib import Path
+
+        from .pipeline import run_pipeline
+
+        out = args.out or os.path.join("yaqa_out", Path(args.model).name)
+        run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
+                     seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device)
     return 0
 
 

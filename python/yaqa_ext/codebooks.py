@@ -76,23 +76,27 @@ def gaussian_optimal_step(bits: int) -> float:
 
 
 class IntQuantizer(Quantizer):
-    """Scalar INT-k grid, symmetric (midrise, ``z = (2^k - 1) / 2``) or asymmetric (min-max).
+    """Scalar INT-k grid, symmetric (midrise, ``z = (2^k - 1) / 2``) or asymmetric (min-max, integer z).
 
-    granularity:
-      - ``"tensor"``: one scale for the matrix. Symmetric: ``s = RMS(W) * step_k`` with step_k the
-        Gaussian MSE-optimal step (for RHT-processed, ~Gaussian weights); asymmetric: min-max.
-      - ``"channel"``: one scale per output row (absmax or min-max of the row).
-      - ``"group"``: one scale per row and ``group_size`` consecutive input columns (GPTQ style).
+    granularity: ``"tensor"`` (one scale), ``"channel"`` (one per output row) or ``"group"`` (one per row
+    and ``group_size`` consecutive input columns, GPTQ style). The starting scale covers the block's
+    range (absmax, or min-max through 0); for a symmetric tensor scale without search it is
+    ``RMS(W) * step_k``, the Gaussian MSE-optimal step (RHT-processed weights are ~Gaussian).
+    ``search=True`` then shrinks each block's scale by the factor in ``SEARCH_GRID`` that minimises
+    the block's round-to-nearest squared error (clipping a few outliers for a finer grid).
+    Scales are rounded to fp16 values, so the stored fp16 scales reproduce W_hat exactly.
     """
 
     SUPPORTED_BITS = (2, 3, 4, 8)
+    SEARCH_GRID = torch.linspace(0.2, 1.0, 65)
 
     def __init__(
         self,
         bits: int = 4,
         symmetric: bool = True,
-        granularity: Literal["tensor", "channel", "group"] = "tensor",
+        granularity: Literal["tensor", "channel", "group"] = "channel",
         group_size: int = 128,
+        search: bool = True,
     ) -> None:
         if bits not in self.SUPPORTED_BITS:
             raise ValueError(f"IntQuantizer supports bits in {self.SUPPORTED_BITS}, got {bits}")
@@ -101,10 +105,12 @@ class IntQuantizer(Quantizer):
         if granularity == "group" and group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.bits, self.symmetric, self.granularity, self.group_size = bits, symmetric, granularity, group_size
+        self.search = search
 
     def __repr__(self) -> str:
         group = f", group_size={self.group_size}" if self.granularity == "group" else ""
-        return f"IntQuantizer(bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity!r}{group})"
+        return (f"IntQuantizer(bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity!r}{group}, "
+                f"search={self.search})")
 
     def params(self, W: Tensor) -> QuantParams:
         if W.dim() != 2:
@@ -113,21 +119,31 @@ class IntQuantizer(Quantizer):
         gs = self.group_size if self.granularity == "group" else n
         if n % gs:
             raise ValueError(f"IntQuantizer: group_size {gs} does not divide the {n} input columns of W")
-        Wf = W.detach().float()
         top = 2**self.bits - 1
-        if self.granularity == "tensor":
-            blocks = Wf.reshape(1, 1, -1)
-        else:
-            blocks = Wf.reshape(m, n // gs, gs)
-        if self.symmetric and self.granularity == "tensor":
-            s = blocks.square().mean(-1).sqrt() * gaussian_optimal_step(self.bits)
-        elif self.symmetric:
-            s = blocks.abs().amax(-1) / (top / 2)
-        else:  # the range always holds 0, as in GPTQ
-            lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+        blocks = W.detach().float().reshape(1, 1, -1) if self.granularity == "tensor" else W.detach().float().reshape(m, n // gs, gs)
+        if self.symmetric:
+            s = blocks.abs().amax(-1, keepdim=True) / (top / 2)
+            if self.granularity == "tensor" and not self.search:
+                s = blocks.square().mean(-1, keepdim=True).sqrt() * gaussian_optimal_step(self.bits)
+            z = torch.full_like(s, top / 2)
+        else:  # the range always holds 0, as in GPTQ; shrinking s by a factor keeps z = round(-lo / s)
+            lo, hi = blocks.amin(-1, keepdim=True).clamp(max=0), blocks.amax(-1, keepdim=True).clamp(min=0)
             s = (hi - lo) / top
-        # An all-zero block: a tiny scale puts every level (the midrise grid has no 0) within 1e-12 of 0.
-        s = torch.where(s > 0, s, torch.full_like(s, 1e-12))
-        z = torch.full_like(s, top / 2) if self.symmetric else torch.round(-lo / s).clamp(0, top) + 0.0
+            z = torch.where(s > 0, torch.round(-lo / s.clamp_min(1e-30)), torch.zeros_like(s)).clamp(0, top)
+        if self.search:
+            s = self._search(blocks, s, z, top)
+        # fp16-exact scales; an all-zero block gets the smallest normal fp16 scale (levels ~1e-5 from 0).
+        s = s.clamp(2**-14, 65504.0).half().float()
         shape = (m, n // gs)
-        return QuantParams(s.expand(shape).contiguous(), z.expand(shape).contiguous(), self.bits, gs)
+        return QuantParams(s.squeeze(-1).expand(shape).contiguous(), z.squeeze(-1).expand(shape).contiguous(),
+                           self.bits, gs)
+
+    def _search(self, blocks: Tensor, base: Tensor, z: Tensor, top: int) -> Tensor:
+        """Per block, the scale ``a * base`` (a in SEARCH_GRID) with the least round-to-nearest error."""
+        best, best_err = base, torch.full_like(base, float("inf"))
+        for a in self.SEARCH_GRID.tolist():
+            s = (base * a).clamp_min(2**-14)
+            err = (((blocks / s + z).round_().clamp_(0, top) - z) * s - blocks).square_().sum(-1, keepdim=True)
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+        return best

@@ -164,6 +164,15 @@ class RHT:
         self.sign_in = (torch.randint(0, 2, (in_features,), generator=g) * 2 - 1).float().to(device)
         self.sign_out = (torch.randint(0, 2, (out_features,), generator=g) * 2 - 1).float().to(device)
 
+    @classmethod
+    def from_signs(cls, sign_out: Tensor, sign_in: Tensor, seed: int = 0) -> RHT:
+        """An RHT with given +-1 sign vectors (e.g. stored in a quantized layer)."""
+        hadamard_factor(sign_out.numel())
+        hadamard_factor(sign_in.numel())
+        rht = cls.__new__(cls)
+        rht.seed, rht.sign_in, rht.sign_out = seed, sign_in.float(), sign_out.float()
+        return rht
+
     def _signs(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.sign_in.to(device=t.device, dtype=t.dtype), self.sign_out.to(device=t.device, dtype=t.dtype)
 

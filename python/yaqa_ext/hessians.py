@@ -427,16 +427,17 @@ def collect_hessians(
                     with torch.no_grad():
                         model(input_ids=ids, use_cache=False)
                 else:
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                    if not bool(torch.isfinite(logits).all()):
-                        raise FloatingPointError(
-                            f"non-finite logits on sequences {seq_ids[0]}..{seq_ids[-1]} of pass {round_index}: the "
-                            "model overflows (fp16?) or holds NaN/inf weights"
-                        )
-                    targets_b = sample_targets(logits, seed, round_index, seq_ids)
-                    loss = F.cross_entropy(logits.flatten(0, 1), targets_b.flatten(), reduction="sum") / seq_len
-                    loss.backward()
+                    with torch.enable_grad():  # also when the caller runs under no_grad
+                        logits = model(input_ids=ids, use_cache=False).logits
+                        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                        if not bool(torch.isfinite(logits).all()):
+                            raise FloatingPointError(
+                                f"non-finite logits on sequences {seq_ids[0]}..{seq_ids[-1]} of pass {round_index}: the "
+                                "model overflows (fp16?) or holds NaN/inf weights"
+                            )
+                        targets_b = sample_targets(logits, seed, round_index, seq_ids)
+                        loss = F.cross_entropy(logits.flatten(0, 1), targets_b.flatten(), reduction="sum") / seq_len
+                        loss.backward()
                 seen += ids.numel()
                 bar.update(1)
                 bar.set_postfix(tokens_per_s=f"{seen / max(time.monotonic() - started, 1e-9):.0f}", refresh=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -147,6 +148,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: str | os.PathLike) -> None:
         import sentencepiece
 
+        self.model_file = Path(model_file)
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         self.bos_token_id = self.sp.bos_id()
         self.eos_token_id = self.sp.eos_id()
@@ -158,6 +160,11 @@ class SentencePieceTokenizer:
         if len(models) != 1:
             raise FileNotFoundError(f"{folder}: expected one SentencePiece *.model file, found {len(models)}")
         return cls(models[0])
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Copy the SentencePiece model into ``folder`` (where :func:`yaqa_ext.models.load_model` finds it)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.model_file, Path(folder) / self.model_file.name)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self.sp.encode(text)

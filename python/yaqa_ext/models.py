@@ -49,8 +49,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         model = load_llama2c(checkpoint, dtype=dtype)
         tokenizer = SentencePieceTokenizer.from_dir(checkpoint.parent)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = _load_tokenizer(source)
     return model.to(device), tokenizer
+
+
+def _load_tokenizer(source: str):
+    """The folder's SentencePiece model when it has no Hugging Face tokenizer files, else AutoTokenizer."""
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        spm = sorted(folder.glob("*.model"))
+        if len(spm) == 1:
+            return SentencePieceTokenizer(spm[0])
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)

@@ -1,0 +1,159 @@
+"""The quantized linear layer: bit-packed codes, grid scales, RHT signs; ``y = x W^T + b`` with
+``W = S_V Had_m^T W_hat Had_n S_U`` (or ``W = W_hat`` without RHT), ``W_hat = (codes - z) * s``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codebooks import QuantParams
+from .hadamard import RHT
+
+__all__ = ["QuantizedLinear", "pack_codes", "unpack_codes"]
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes (m, n) < 2^bits as a little-endian bit stream per row: (m, ceil(n / 8) * bits) bytes."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}")
+    m, n = codes.shape
+    padded = F.pad(codes, (0, -n % 8))
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    stream = (padded.unsqueeze(-1) >> shifts) & 1  # (m, n8, bits)
+    stream = stream.reshape(m, -1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=codes.device)
+    return (stream * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: the (m, n) uint8 codes."""
+    m = packed.size(0)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(m, -1, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
+    return (stream.to(torch.int32) * weights).sum(-1)[:, :n].to(torch.uint8)
+
+
+class QuantizedLinear(nn.Module):
+    """A drop-in replacement of ``nn.Linear`` (or GPT-2's ``Conv1D``) holding a quantized weight.
+
+    Buffers: ``qweight`` (packed codes), ``scales`` / ``zeros`` (fp16, (1 or m, n / group_size): one row
+    when every row is the same),
+    and with RHT ``sign_in`` / ``sign_out`` (one bit per sign, packed) plus the ``rht_seed`` that drew them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        scale_rows: int,
+        zero_rows: int,
+        rht: bool,
+        bias: bool,
+        rht_seed: int = 0,
+        bias_dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {bits}")
+        if group_size < 1 or in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if scale_rows not in (1, out_features) or zero_rows not in (1, out_features):
+            raise ValueError(f"scale_rows ({scale_rows}) and zero_rows ({zero_rows}) must be 1 or out_features ({out_features})")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.rht_seed = bits, group_size, rht_seed
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, (in_features + 7) // 8 * bits, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(scale_rows, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(zero_rows, groups, dtype=torch.float16))
+        if rht:
+            self.register_buffer("sign_in", torch.zeros(1, (in_features + 7) // 8, dtype=torch.uint8))
+            self.register_buffer("sign_out", torch.zeros(1, (out_features + 7) // 8, dtype=torch.uint8))
+        else:
+            self.sign_in = self.sign_out = None
+        if isinstance(bias_dtype, str):
+            bias_dtype = getattr(torch, bias_dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+
+    @property
+    def rht(self) -> RHT | None:
+        if self.sign_in is None:
+            return None
+        signs = [unpack_codes(s, 1, k)[0].float() * 2 - 1 for s, k in ((self.sign_out, self.out_features),
+                                                                       (self.sign_in, self.in_features))]
+        return RHT.from_signs(*signs, self.rht_seed)
+
+    @classmethod
+    def from_rounding(
+        cls, codes: Tensor, params: QuantParams, rht: RHT | None, bias: Tensor | None
+    ) -> QuantizedLinear:
+        """The layer of a rounding result: ``codes`` and ``params`` of the (RHT-transformed) weight."""
+        m, n = codes.shape
+        scales, zeros = (t[:1] if bool((t == t[:1]).all()) else t for t in (params.scales, params.zeros))
+        if not (torch.equal(scales.half().float(), scales) and torch.equal(zeros.half().float(), zeros)):
+            raise ValueError("QuantizedLinear stores fp16 scales and zero points; these are not fp16 values")
+        layer = cls(n, m, params.bits, params.group_size, scales.size(0), zeros.size(0), rht is not None, bias is not None,
+                    rht_seed=rht.seed if rht is not None else 0,
+                    bias_dtype=bias.dtype if bias is not None else torch.float32)
+        layer.to(codes.device)
+        layer.qweight.copy_(pack_codes(codes, params.bits))
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(zeros)
+        if rht is not None:
+            layer.sign_in.copy_(pack_codes((rht.sign_in > 0).to(torch.uint8).unsqueeze(0), 1))
+            layer.sign_out.copy_(pack_codes((rht.sign_out > 0).to(torch.uint8).unsqueeze(0), 1))
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def spec(self) -> dict:
+        """The constructor arguments (JSON-serialisable) that rebuild this layer's empty shell."""
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+            "group_size": self.group_size, "scale_rows": self.scales.size(0), "zero_rows": self.zeros.size(0),
+            "rht": self.sign_in is not None,
+            "bias": self.bias is not None, "rht_seed": self.rht_seed,
+            "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else "float32",
+        }
+
+    def codes(self) -> Tensor:
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        """``W_hat = (codes - z) * s`` (fp32, m x n), in the RHT basis when the layer has one."""
+        s = self.scales.float().repeat_interleave(self.group_size, dim=1)
+        z = self.zeros.float().repeat_interleave(self.group_size, dim=1)
+        return (self.codes().float() - z) * s
+
+    def weight_matrix(self) -> Tensor:
+        """The effective ``W`` (fp32, m x n) of ``y = x W^T + b``, in the original basis."""
+        W_hat = self.dequantized_weight()
+        rht = self.rht
+        return W_hat if rht is None else rht.inverse_weight(W_hat)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective (out, in) weight, computed on access (like ``nn.Linear.weight``, read-only); code
+        that inspects ``.weight`` (initialisers, dtype or shape checks) keeps working."""
+        return self.weight_matrix()
+
+    def forward(self, x: Tensor) -> Tensor:
+        W_hat = self.dequantized_weight().to(x.dtype)
+        rht = self.rht
+        if rht is None:
+            y = x @ W_hat.T
+        else:
+            y = rht.output_inverse(rht.input_transform(x) @ W_hat.T)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def bits_per_weight(self) -> float:
+        """Stored bits of the weight (codes, scales, zero points, signs; not the bias) per weight."""
+        stored = [self.qweight, self.scales, self.zeros] + ([self.sign_in, self.sign_out] if self.sign_in is not None else [])
+        return sum(t.numel() * t.element_size() * 8 for t in stored) / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rht={self.sign_in is not None}, bias={self.bias is not None}")
