@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
     run.add_argument("--eval-seqs", type=int, default=64, help="default: %(default)s")
     run.add_argument("--eval-len", type=int, default=256, help="default: %(default)s")
+    run.add_argument("--no-rht", action="store_true", help="quantize without the random Hadamard transform")
+    run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
     run.add_argument("--device", default=default_device, help="default: %(default)s")
     return parser
 
@@ -188,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import run_pipeline
 
         out = args.out or os.path.join("yaqa_out", Path(args.model).name)
+        config = {"rht": False} if args.no_rht else {}
+        if args.scale != "channel":
+            config["scale"] = args.scale
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
-                     seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device)
+                     seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device,
+                     config=config)
     return 0
 
 

@@ -56,16 +56,25 @@ def run_pipeline(
     eval_len: int = 256,
     batch_size: int = 8,
     device: str = "cpu",
+    config: dict | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Run (or resume) the experiment; writes ``results.json`` and ``results.md`` into ``out_dir``."""
+    """Run (or resume) the experiment; writes ``results.json`` and ``results.md`` into ``out_dir``.
+
+    ``config``: further :class:`QuantConfig` fields for every method (e.g. ``{"rht": False}``).
+    """
     unknown = [m for m in methods if m not in PIPELINE_METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(PIPELINE_METHODS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    rows: list[dict] = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
+    rows: list[dict] = []
+    if results_path.exists():
+        saved = json.loads(results_path.read_text())
+        if saved.get("model") != model_name or saved.get("config", {}) != (config or {}):
+            raise FileExistsError(f"{results_path} holds results of another model or configuration; choose another --out")
+        rows = saved["rows"]
     done = {(r["method"], r["bits"], r["seed"]) for r in rows}
 
     model, tokenizer = load_model(model_name, device=device)
@@ -90,8 +99,8 @@ def run_pipeline(
                     continue
                 qmodel = copy.deepcopy(model)
                 start = time.perf_counter()
-                report = quantize(qmodel, QuantConfig(method=qmethod, bits=b, seed=seed), hessians=hessians,
-                                  progress=False)
+                qconfig = QuantConfig(**{**(config or {}), "method": qmethod, "bits": b, "seed": seed})
+                report = quantize(qmodel, qconfig, hessians=hessians, progress=False)
                 seconds = time.perf_counter() - start
                 result = evaluate(model, qmodel, evaluation, batch_size=batch_size, n_seqs=eval_seqs, seq_len=eval_len)
                 row = {"method": method, "bits": b, "seed": seed, "kl": result.kl, "ppl_orig": result.ppl_orig,
@@ -100,7 +109,8 @@ def run_pipeline(
                 rows.append(row)
                 print(f"  {method:7s} {b}-bit seed {seed}: KL {result.kl:.4f}, ppl {result.ppl_quant:.2f} "
                       f"(orig {result.ppl_orig:.2f}), {report.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
-                _atomic_write_text(json.dumps({"model": model_name, "rows": rows}, indent=2), results_path)
+                _atomic_write_text(json.dumps({"model": model_name, "config": config or {}, "rows": rows}, indent=2),
+                                   results_path)
                 del qmodel
     table = format_results([r for r in rows if r["method"] in methods and r["bits"] in bits and r["seed"] in seeds])
     _atomic_write_text(table + "\n", out / "results.md")
