@@ -29,9 +29,10 @@ TORCH_LIBRARY(yaqa, m) {
   m.def("input_moment_update(Tensor X, Tensor(a!) H, bool allow_tf32=False) -> ()");
 
   // Two-sided LDLQ (ALGORITHMS.md section 6) of W (m x n, fp32) in td_x x td_y tiles with the
-  // strictly block-lower parts of L_in (n x n) and L_out (m x m; None: one-sided LDLQ), and the
+  // strictly block-lower parts of L_in (n x n) and L_out (m x m); an absent factor is the identity
+  // (L_out None: one-sided LDLQ; both None: round to nearest). The
   // scalar grid code = clamp(round(x / s + z), 0, 2^bits - 1), value (code - z) * s, with s, z of
   // shape (m, n / group_size). Returns W_hat (fp32, exactly the values of codes) and codes (uint8).
-  m.def("ldlq_round(Tensor W, Tensor L_in, Tensor? L_out, Tensor scales, Tensor zeros, int bits, int group_size, "
+  m.def("ldlq_round(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor zeros, int bits, int group_size, "
         "int td_x, int td_y) -> (Tensor W_hat, Tensor codes)");
 }

@@ -16,7 +16,7 @@ void sketch_a_update_cpu(const at::Tensor& X, const at::Tensor& G, std::optional
                          std::optional<at::Tensor> H_out, const std::optional<at::Tensor>& P_in,
                          const std::optional<at::Tensor>& P_out, bool allow_tf32);
 void input_moment_update_cpu(const at::Tensor& X, at::Tensor& H, bool allow_tf32);
-std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W, const at::Tensor& L_in,
+std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
                                                   const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
                                                   const at::Tensor& zeros, int64_t bits, int64_t group_size,
                                                   int64_t td_x, int64_t td_y);
@@ -30,7 +30,7 @@ void sketch_a_update_cuda(const at::Tensor& X, const at::Tensor& G, std::optiona
                           std::optional<at::Tensor> H_out, const std::optional<at::Tensor>& P_in,
                           const std::optional<at::Tensor>& P_out, bool allow_tf32);
 void input_moment_update_cuda(const at::Tensor& X, at::Tensor& H, bool allow_tf32);
-std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W, const at::Tensor& L_in,
+std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
                                                    const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
                                                    const at::Tensor& zeros, int64_t bits, int64_t group_size,
                                                    int64_t td_x, int64_t td_y);

@@ -3,7 +3,8 @@
 // W (m x n) is cut into td_x x td_y tiles (rows = outputs, columns = inputs). With E = W - W_hat over
 // the tiles already rounded, tile (i, j) is rounded as
 //   W_hat_ij = Q(W_ij + [E L_in]_ij + [L_out^T E]_ij + [L_out^T E L_in]_ij),
-// using only the strictly block-lower parts of L_in (td_y blocks) and L_out (td_x blocks). Tile
+// using only the strictly block-lower parts of L_in (td_y blocks) and L_out (td_x blocks); an absent
+// factor is the identity (no feedback on that side; both absent: round to nearest). Tile
 // (i, j) depends exactly on the tiles below and to the right of it, so any order that respects
 // that (row blocks bottom-up on the CPU, anti-diagonal wavefronts on CUDA) gives the same result.
 // Both backends keep G = E (I + L_in) for the rounded tiles, so the feedback of tile (i, j) is
@@ -42,7 +43,8 @@ struct RoundingShape {
   int64_t m, n, groups;
 };
 
-inline RoundingShape check_ldlq_args(const at::Tensor& W, const at::Tensor& L_in, const std::optional<at::Tensor>& L_out,
+inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                     const std::optional<at::Tensor>& L_out,
                                      const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
                                      int64_t group_size, int64_t td_x, int64_t td_y) {
   constexpr const char* op = "ldlq_round";
@@ -58,10 +60,13 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const at::Tensor& L_in
   TORCH_CHECK_VALUE(group_size >= 1 && n % group_size == 0, op, ": group_size = ", group_size,
                     " must divide the number of columns n = ", n);
   const int64_t groups = n / group_size;
-  check_square(L_in, op, "L_in");
-  TORCH_CHECK_VALUE(L_in.size(0) == n, op, ": L_in must be ", n, " x ", n, " (W has ", n, " columns), got ", L_in.sizes());
-  TORCH_CHECK_TYPE(L_in.scalar_type() == at::kFloat, op, ": L_in must be float32, got ", L_in.scalar_type());
-  check_same_device(W, L_in, op, "W", "L_in");
+  if (L_in.has_value()) {
+    check_square(*L_in, op, "L_in");
+    TORCH_CHECK_VALUE(L_in->size(0) == n, op, ": L_in must be ", n, " x ", n, " (W has ", n, " columns), got ",
+                      L_in->sizes());
+    TORCH_CHECK_TYPE(L_in->scalar_type() == at::kFloat, op, ": L_in must be float32, got ", L_in->scalar_type());
+    check_same_device(W, *L_in, op, "W", "L_in");
+  }
   if (L_out.has_value()) {
     check_square(*L_out, op, "L_out");
     TORCH_CHECK_VALUE(L_out->size(0) == m, op, ": L_out must be ", m, " x ", m, " (W has ", m, " rows), got ",

@@ -103,12 +103,12 @@ def strictly_block_lower(L: Tensor, b: int) -> Tensor:
     return torch.where(blk[:, None] > blk[None, :], L, torch.zeros_like(L))
 
 
-def ldlq_reference(W: Tensor, L_in: Tensor, L_out: Tensor | None, scales: Tensor, zeros: Tensor, bits: int,
+def ldlq_reference(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales: Tensor, zeros: Tensor, bits: int,
                    group_size: int, td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
     """The two-sided tile rule written naively: tiles in anti-diagonal wavefronts from the bottom-right,
     each tile's feedback E L_in + L_out^T E + L_out^T E L_in recomputed from full products in fp64."""
     m, n = W.shape
-    Li = strictly_block_lower(L_in.double(), td_y)
+    Li = torch.zeros(n, n, dtype=torch.float64) if L_in is None else strictly_block_lower(L_in.double(), td_y)
     Lo = torch.zeros(m, m, dtype=torch.float64) if L_out is None else strictly_block_lower(L_out.double(), td_x)
     s = scales.repeat_interleave(group_size, 1)
     z = zeros.repeat_interleave(group_size, 1)

@@ -35,21 +35,24 @@ CASES = [
     # n > 128: several of the CPU kernel's lazy-update groups (128 columns), the last one partial
     (32, 272, 16, 16, IntQuantizer(2)),
     (16, 200, 8, 8, IntQuantizer(3, symmetric=False, granularity="group", group_size=40)),
+    # m > 128: several of the CPU kernel's lazy groups of row blocks, the last one partial
+    (200, 24, 8, 8, IntQuantizer(2)),
+    (136, 16, 2, 4, IntQuantizer(3, granularity="channel")),
     # wide tiles: the CUDA kernel stages fewer rows of L_out per step to stay in shared memory
     (4, 512, 1, 512, IntQuantizer(2)),
 ]
 
 
 @pytest.mark.parametrize(("m", "n", "td_x", "td_y", "quantizer"), CASES)
-@pytest.mark.parametrize("two_sided", [True, False])
-def test_codes_identical_to_naive_tile_rule(device, m, n, td_x, td_y, quantizer, two_sided):
+@pytest.mark.parametrize("sides", ["both", "input", "output"])
+def test_codes_identical_to_naive_tile_rule(device, m, n, td_x, td_y, quantizer, sides):
     g = torch.Generator().manual_seed(m + n)
     W = torch.randn(m, n, generator=g)
-    L_in = ldl_factor(correlated_factor(n, 1), td_y)
-    L_out = ldl_factor(correlated_factor(m, 2), td_x) if two_sided else None
+    L_in = ldl_factor(correlated_factor(n, 1), td_y) if sides != "output" else None
+    L_out = ldl_factor(correlated_factor(m, 2), td_x) if sides != "input" else None
     p = quantizer.params(W)
     ours = ldlq_round(
-        W.to(device), L_in.to(device), None if L_out is None else L_out.to(device),
+        W.to(device), None if L_in is None else L_in.to(device), None if L_out is None else L_out.to(device),
         quantizer=yaqa_ext.QuantParams(p.scales.to(device), p.zeros.to(device), p.bits, p.group_size),
         td_x=td_x, td_y=td_y,
     )
@@ -94,11 +97,12 @@ def test_identity_output_factor_is_one_sided(device):
     assert torch.equal(two.codes, one.codes)
 
 
-def test_identity_input_factor_one_sided_is_round_to_nearest(device):
+def test_identity_factors_are_round_to_nearest(device):
     W = torch.randn(32, 64, device=device)
     q = IntQuantizer(3, granularity="channel")
-    res = ldlq_round(W, torch.eye(64, device=device), None, quantizer=q)
-    assert torch.equal(res.codes, round_to_nearest(W, q).codes)
+    rtn = round_to_nearest(W, q).codes
+    assert torch.equal(ldlq_round(W, torch.eye(64, device=device), None, quantizer=q).codes, rtn)
+    assert torch.equal(ldlq_round(W, None, None, quantizer=q).codes, rtn)
 
 
 def test_two_sided_beats_one_sided_and_rtn_on_proxy_loss():

@@ -1,7 +1,7 @@
 // Two-sided LDLQ on the CPU (see rounding.h). Row blocks are rounded bottom-up; each starts from the
-// output-side feedback R_i = sum_{i' > i} L_out[i', i]^T G_i' (one GEMM), then its tiles are rounded
-// right to left with GPTQ-style lazy updates of the input-side feedback: exact within a group of
-// tiles, and one GEMM for the columns left of the group once it is done.
+// output-side feedback R_i = sum_{i' > i} L_out[i', i]^T G_i', then its tiles are rounded right to
+// left with GPTQ-style lazy updates of the input-side feedback: exact within a group of tiles, and
+// one GEMM for the columns left of the group once it is done. R_i is built lazily as well.
 #include <torch/library.h>
 
 #include <vector>
@@ -11,12 +11,13 @@
 
 namespace yaqa {
 
-std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const at::Tensor& L_in_t,
+std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in_t,
                                                   const std::optional<at::Tensor>& L_out_t, const at::Tensor& scales_t,
                                                   const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
                                                   int64_t td_x, int64_t td_y) {
   const auto [m, n, groups] = check_ldlq_args(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
-  const at::Tensor W = W_in.contiguous(), L_in = L_in_t.contiguous();
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor L_in = L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor();
   const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
   at::Tensor W_hat = at::empty({m, n}, W.options());
   at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const 
 
   const ScalarGrid grid{static_cast<float>((1 << bits) - 1)};
   const float* w = W.data_ptr<float>();
-  const float* lin = L_in.data_ptr<float>();
+  const float* lin = L_in.defined() ? L_in.data_ptr<float>() : nullptr;
   const float* s = scales.data_ptr<float>();
   const float* z = zeros.data_ptr<float>();
   float* wh = W_hat.data_ptr<float>();
@@ -38,11 +39,28 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const 
   at::Tensor err = at::empty({td_x, n}, W.options());  // E of the current row block
   float* a = acc.data_ptr<float>();
   float* e = err.data_ptr<float>();
+  // Output-side feedback, lazily by groups of row blocks: one GEMM brings in the rows below the
+  // group, and each block adds the blocks of its group below it (small GEMMs), so small tiles do
+  // not reread all of G for every block.
+  const int64_t row_group = std::max<int64_t>(1, 128 / td_x) * td_x;
+  at::Tensor R_group;
+  int64_t group_begin = m, group_end = m;
   for (int64_t r0 = m - td_x; r0 >= 0; r0 -= td_x) {
     at::Tensor R;
-    if (L_out.defined() && r0 + td_x < m) {
-      const int64_t below = m - r0 - td_x;
-      R = at::mm(L_out.narrow(0, r0 + td_x, below).narrow(1, r0, td_x).t(), G.narrow(0, r0 + td_x, below));
+    if (L_out.defined()) {
+      if (r0 < group_begin) {
+        group_end = r0 + td_x;
+        group_begin = std::max<int64_t>(0, group_end - row_group);
+        const int64_t below = m - group_end, rows = group_end - group_begin;
+        R_group = below > 0 ? at::mm(L_out.narrow(0, group_end, below).narrow(1, group_begin, rows).t(),
+                                     G.narrow(0, group_end, below))
+                            : at::zeros({rows, n}, W.options());
+      }
+      R = R_group.narrow(0, r0 - group_begin, td_x).clone();
+      const int64_t within = group_end - r0 - td_x;
+      if (within > 0) {
+        R.addmm_(L_out.narrow(0, r0 + td_x, within).narrow(1, r0, td_x).t(), G.narrow(0, r0 + td_x, within));
+      }
       acc.copy_(R);
     } else {
       acc.zero_();
@@ -65,14 +83,14 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const 
           }
           // Exact update of the columns of this group left of the tile: acc += e_tile L_in[tile, :].
           float* arow = a + r * n;
-          for (int64_t k = c0; k < c0 + td_y; ++k) {
+          for (int64_t k = c0; lin != nullptr && k < c0 + td_y; ++k) {
             const float ek = e[r * n + k];
             const float* lrow = lin + k * n;
             for (int64_t c = col_begin; c < c0; ++c) arow[c] += ek * lrow[c];
           }
         }
       }
-      if (col_begin > 0) {  // the columns left of the group, in one GEMM
+      if (col_begin > 0 && L_in.defined()) {  // the columns left of the group, in one GEMM
         const int64_t width = (g_end - g_begin) * td_y;
         acc.narrow(1, 0, col_begin)
             .addmm_(err.narrow(1, col_begin, width), L_in.narrow(0, col_begin, width).narrow(1, 0, col_begin));

@@ -24,7 +24,7 @@ constexpr int64_t kSmemFloats = 48 * 1024 / 4;  // stay within the default dynam
 
 struct TileArgs {
   const float* W;
-  const float* L_in;
+  const float* L_in;   // nullptr: no input-side feedback
   const float* L_out;  // nullptr: one-sided
   const float* scales;
   const float* zeros;
@@ -88,6 +88,7 @@ __global__ void ldlq_wavefront_kernel(TileArgs p) {
     const int64_t rr = idx / (c0 + ty), col = idx % (c0 + ty);
     float add;
     if (col < c0) {
+      if (p.L_in == nullptr) continue;
       add = 0.0f;
       for (int64_t k = 0; k < ty; ++k) add += se[rr * ty + k] * p.L_in[(c0 + k) * p.n + col];
     } else {
@@ -99,13 +100,14 @@ __global__ void ldlq_wavefront_kernel(TileArgs p) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W_in, const at::Tensor& L_in_t,
+std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in_t,
                                                    const std::optional<at::Tensor>& L_out_t, const at::Tensor& scales_t,
                                                    const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
                                                    int64_t td_x, int64_t td_y) {
   const auto [m, n, groups] = check_ldlq_args(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
   const c10::cuda::CUDAGuard guard(W_in.device());
-  const at::Tensor W = W_in.contiguous(), L_in = L_in_t.contiguous();
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor L_in = L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor();
   const at::Tensor L_out = L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor();
   const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
   at::Tensor W_hat = at::empty({m, n}, W.options());
@@ -113,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W_in, const
   at::Tensor G = at::zeros({m, n}, W.options());
 
   TileArgs p{W.data_ptr<float>(),
-             L_in.data_ptr<float>(),
+             L_in.defined() ? L_in.data_ptr<float>() : nullptr,
              L_out.defined() ? L_out.data_ptr<float>() : nullptr,
              scales.data_ptr<float>(),
              zeros.data_ptr<float>(),

@@ -109,7 +109,7 @@ def _input_moment_update_fake(X, H, allow_tf32=False) -> None:
 
 def ldlq_round(
     W: Tensor,
-    L_in: Tensor,
+    L_in: Tensor | None,
     L_out: Tensor | None,
     scales: Tensor,
     zeros: Tensor,
@@ -118,7 +118,8 @@ def ldlq_round(
     td_x: int,
     td_y: int,
 ) -> tuple[Tensor, Tensor]:
-    """Two-sided LDLQ of W on the grid ``(code - zeros) * scales``: returns ``(W_hat, codes)``."""
+    """Two-sided LDLQ of W on the grid ``(code - zeros) * scales``: returns ``(W_hat, codes)``; an absent
+    factor is the identity."""
     return torch.ops.yaqa.ldlq_round.default(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y)
 
 

@@ -31,7 +31,7 @@ def _params(W: Tensor, quantizer: Quantizer | QuantParams) -> QuantParams:
 
 def ldlq_round(
     W: Tensor,
-    L_in: Tensor,
+    L_in: Tensor | None,
     L_out: Tensor | None = None,
     *,
     quantizer: Quantizer | QuantParams,
@@ -42,13 +42,14 @@ def ldlq_round(
 
     ``L_in`` / ``L_out`` are the factors of ``block_ldl(H_in, td_y)`` / ``block_ldl(H_out, td_x)`` (only
     their strictly block-lower parts are used); ``L_out=None`` is one-sided LDLQ (= GPTQ for
-    ``td_y = 1``). The result minimises the proxy loss tile by tile: ``tr(eta D_in eta^T D_out)``
+    ``td_y = 1``), ``L_in=None`` feeds back on the output side only, both None round to nearest. The result minimises the proxy loss tile by tile: ``tr(eta D_in eta^T D_out)``
     with eta the per-tile rounding residual. W must be float32 (m x n) with ``td_x | m``, ``td_y | n``.
     ``quantizer`` gives the grid: a :class:`Quantizer` (parameters from W) or fixed :class:`QuantParams`.
     """
     params = _params(W, quantizer)
     W_hat, codes = ops.ldlq_round(
-        W, L_in.float(), None if L_out is None else L_out.float(), params.scales, params.zeros, params.bits,
+        W, None if L_in is None else L_in.float(), None if L_out is None else L_out.float(), params.scales,
+        params.zeros, params.bits,
         params.group_size, td_x, td_y,
     )
     return Rounded(W_hat, codes)
