@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import ops
 from .data import prepare_tokens
+from .fileio import atomic_save, atomic_write_text
 
 __all__ = [
     "SKETCHES",
@@ -33,6 +34,7 @@ __all__ = [
     "find_targets",
     "load_hessians",
     "sample_targets",
+    "weight_matrix",
 ]
 
 SKETCHES = ("input", "A", "B")
@@ -51,6 +53,12 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
         return module.nf, module.nx
     return None
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The (out, in) weight of a linear layer: nn.Linear, GPT-2's Conv1D (stored in x out), QuantizedLinear."""
+    W = module.weight.detach()
+    return W.T if type(module).__name__ == "Conv1D" else W
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -155,34 +163,6 @@ def _normalised(H: Tensor) -> Tensor:
 # Files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors written to a temporary file, flushed, then renamed: a reader sees all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.safetensors"
 
@@ -219,6 +199,8 @@ class _Collector:
                 for side in sides:
                     size = t.in_features if side == "H_in" else t.out_features
                     acc[f"{t.name}.{side}"] = torch.zeros(size, size, dtype=self.dtype, device=self.device)
+                if kind == "input":  # sum_t |x_t|, the activation statistic of LQER
+                    acc[f"{t.name}.x_abs"] = torch.zeros(t.in_features, dtype=self.dtype, device=self.device)
         self.acc = acc
         self.weights = {k: _normalised(v) for k, v in self.prev.items()} if kind != "input" else {}
         self.updates = dict.fromkeys(self.targets, 0)
@@ -240,6 +222,7 @@ class _Collector:
             x = inputs[0].detach()
             if self.kind == "input":
                 ops.input_moment_update(x.to(self.device), self.acc[f"{name}.H_in"], self.allow_tf32)
+                self.acc[f"{name}.x_abs"] += x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=self.dtype).to(self.device)
                 self.updates[name] += 1
             elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
                 B, T = self.batch_shape
@@ -389,7 +372,7 @@ def collect_hessians(
 
     def save_state(r: int, b: int) -> None:
         tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
-        _atomic_save(tensors, state_path, {"fingerprint": fingerprint, "round": str(r), "next_batch": str(b)})
+        atomic_save(tensors, state_path, {"fingerprint": fingerprint, "round": str(r), "next_batch": str(b)})
 
     my_seqs = list(range(rank, n_seqs, world))
     batches = [my_seqs[i : i + batch_size] for i in range(0, len(my_seqs), batch_size)]
@@ -402,7 +385,8 @@ def collect_hessians(
     handles = []
     patched: list[nn.Module] = []
     bar = tqdm(total=len(plan) * len(batches), initial=round_index * len(batches) + next_batch,
-               desc=f"collect sketch {sketch}", unit="batch", disable=not progress or rank != 0)
+               desc=f"collect sketch {sketch}", unit="batch",
+               disable=True if not progress or rank != 0 else None)  # None: off when not a terminal
     try:
         model.eval()
         for p, _ in saved_flags:
@@ -466,12 +450,12 @@ def collect_hessians(
     if rank == 0:
         by_layer: dict[int, dict[str, Tensor]] = {}
         for t in targets:
-            for side in ("H_in", "H_out"):
+            for side in ("H_in", "H_out", "x_abs"):
                 key = f"{t.name}.{side}"
                 if key in collector.prev:
                     by_layer.setdefault(t.layer, {})[key] = collector.prev[key]
         for layer, tensors in by_layer.items():
-            _atomic_save(tensors, out / _layer_file(layer))
+            atomic_save(tensors, out / _layer_file(layer))
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -488,7 +472,7 @@ def collect_hessians(
                 for t in targets
             },
         }
-        _atomic_write_text(json.dumps(manifest, indent=2), manifest_path)
+        atomic_write_text(json.dumps(manifest, indent=2), manifest_path)
     if world > 1:
         torch.distributed.barrier()
     state_path.unlink(missing_ok=True)
@@ -531,11 +515,22 @@ class HessianFactors:
     def __contains__(self, name: str) -> bool:
         return name in self.manifest["module_info"]
 
-    def load(self, name: str, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor | None]:
-        """``(H_in, H_out)`` of a module (``H_out`` is None for the 'input' sketch)."""
+    def abs_mean(self, name: str, device: str | torch.device = "cpu") -> Tensor | None:
+        """``mean_t |x_t|`` of a module's inputs (n), when the collection had a forward-only 'input' pass."""
+        info = self._info(name)
+        with safe_open(str(self.path / info["file"]), "pt", device=str(device)) as f:
+            key = f"{name}.x_abs"
+            return f.get_tensor(key) / self.manifest["tokens"] if key in set(f.keys()) else None
+
+    def _info(self, name: str) -> dict:
         info = self.manifest["module_info"].get(name)
         if info is None:
             raise KeyError(f"{self.path} has no factors for module {name!r} (it has {len(self.modules)} modules)")
+        return info
+
+    def load(self, name: str, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor | None]:
+        """``(H_in, H_out)`` of a module (``H_out`` is None for the 'input' sketch)."""
+        info = self._info(name)
         file = self.path / info["file"]
         try:
             with safe_open(str(file), "pt", device=str(device)) as f:
