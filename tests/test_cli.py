@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from yaqa_ext.cli import main
@@ -71,3 +72,30 @@ def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
     second = capsys.readouterr().out
     assert "bit seed" not in second and "factors for" not in second and "| 4 | yaqa-B |" in second
     assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
+
+
+def test_run_with_datafree_and_lowrank_methods(shared, tmp_path):
+    args = ["run", "--out", str(tmp_path), "--methods", "datafree", "rtn+qera-exact:4", "rtn", "--bits", "4",
+            "--n-seqs", "8", "--seq-len", "64", "--eval-seqs", "4", "--eval-len", "64", "--device", "cpu"]
+    assert main(args) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"datafree", "rtn+qera-exact:4", "rtn"}
+    assert (tmp_path / "hessians" / "input-seed0" / "manifest.json").exists()  # qera reads the input moments
+    # stories260K: 7 layers of 64 x 64 (q, o), 32 x 64 (k, v), 172 x 64 and 64 x 172 (MLP) per block, 16-bit A and B
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (172, 64), (172, 64), (64, 172)]
+    extra = 16 * 4 * sum(m + n for m, n in shapes) / sum(m * n for m, n in shapes)
+    assert rows["rtn+qera-exact:4"]["bits_per_weight"] == pytest.approx(rows["rtn"]["bits_per_weight"] + extra)
+    assert rows["rtn+qera-exact:4"]["kl"] < rows["rtn"]["kl"]  # the same rounding plus its best rank-4 correction
+    table = (tmp_path / "results.md").read_text()
+    assert table.index("| rtn |") < table.index("| rtn+qera-exact:4 |") < table.index("| datafree |")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("gptq", "unknown method 'gptq'"),
+    ("yaqa-B+pca:8", "bad low-rank term in 'yaqa-B\\+pca:8'"),
+    ("yaqa-B+kl", "bad low-rank term"),
+    ("ldlq+kl:8", "needs YAQA's two factors"),
+])
+def test_run_rejects_bad_method_names(tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        main(["run", "--out", str(tmp_path), "--methods", spec])

@@ -159,12 +159,14 @@ def test_yaqa_report_and_lower_kl_than_ldlq_at_4_bits(stories, stories_factors, 
     assert kl["yaqa"] < kl["ldlq"], kl
 
 
+@pytest.mark.parametrize("method", ["yaqa", "datafree"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_pipeline_on_every_architecture(arch, tmp_path):
+def test_pipeline_on_every_architecture(arch, method, tmp_path):
     model = tiny_model(arch)
     tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
     q = copy.deepcopy(model)
-    report = quantize(q, QuantConfig(method="yaqa", bits=4), data=tokens, n_seqs=8, seq_len=16, progress=False)
+    config = QuantConfig(method=method, bits=4, datafree_transform=method == "datafree")
+    report = quantize(q, config, data=tokens if method == "yaqa" else None, n_seqs=8, seq_len=16, progress=False)
     assert len(report.layers) == len(find_targets(model))
     assert all(isinstance(q.get_submodule(r.name), QuantizedLinear) for r in report.layers)
     r = evaluate(model, q, tokens, n_seqs=8, seq_len=16)

@@ -8,7 +8,7 @@ from .codebooks import IntQuantizer, QuantParams, Quantizer
 from .evaluation import EvalResult, evaluate
 from .hadamard import RHT, hadamard_matrix, hadamard_transform
 from .hessians import collect_hessians, load_hessians
-from .hf import QuantConfig
+from .hf import QuantConfig, dequantize, export_lora
 from .ldl import BlockLDL, block_ldl
 from .ops import input_moment_update, sketch_a_update, sketch_b_update
 from .qlinear import QuantizedLinear
@@ -31,7 +31,9 @@ __all__ = [
     "__version__",
     "block_ldl",
     "collect_hessians",
+    "dequantize",
     "evaluate",
+    "export_lora",
     "hadamard_matrix",
     "hadamard_transform",
     "input_moment_update",

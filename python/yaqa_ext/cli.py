@@ -8,7 +8,9 @@ import sys
 
 import torch
 
+from .lowrank import LOWRANK_METHODS
 from .models import DEFAULT_MODEL
+from .pipeline import PIPELINE_METHODS
 
 __all__ = ["main"]
 
@@ -68,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                          "after `import yaqa_ext`, AutoModelForCausalLM.from_pretrained(OUT) loads it.")
     qua.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
     qua.add_argument("--out", required=True, help="output folder for the quantized model")
-    qua.add_argument("--method", choices=["yaqa", "ldlq", "rtn"], default="yaqa", help="default: %(default)s")
+    qua.add_argument("--method", choices=["yaqa", "ldlq", "rtn", "datafree"], default="yaqa",
+                     help="datafree: no calibration, proxy factors from partner layers' weights (default: %(default)s)")
     qua.add_argument("--bits", type=int, default=2, help="2, 3, 4 or 8 (default: %(default)s)")
     qua.add_argument("--hessians", default=None, help="folder from `yaqa collect` (default: collect from --data first)")
     qua.add_argument("--data", default=None, help="calibration text when collecting (default: the shared calibration corpus)")
@@ -78,9 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--asymmetric", action="store_true", help="min-max grid with zero points")
     qua.add_argument("--no-rht", action="store_true", help="no random Hadamard transform")
     qua.add_argument("--sigma-reg", type=float, default=1e-2, help="relative damping (default: %(default)s)")
-    qua.add_argument("--td-x", type=int, default=16, help="tile rows (default: %(default)s)")
-    qua.add_argument("--td-y", type=int, default=16, help="tile columns (default: %(default)s)")
+    qua.add_argument("--td-x", type=int, default=2, help="tile rows (default: %(default)s)")
+    qua.add_argument("--td-y", type=int, default=2, help="tile columns (default: %(default)s)")
     qua.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    qua.add_argument("--lowrank-rank", type=int, default=0, help="rank of a low-rank error correction (default: none)")
+    qua.add_argument("--lowrank-method", choices=["auto", *LOWRANK_METHODS], default="auto",
+                     help="auto: kl with YAQA factors, else qera-exact with input moments, else svd (default: %(default)s)")
+    qua.add_argument("--input-moments", default=None,
+                     help="a `yaqa collect --sketch input` folder: statistics for the lqer / qera low-rank terms")
+    qua.add_argument("--datafree-transform", action="store_true",
+                     help="datafree: also search an input-column scaling for layers without a partner")
     qua.add_argument("--skip", action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
     qua.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
     qua.add_argument("--device", default=default_device, help="default: %(default)s")
@@ -99,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                          "perplexity on held-out text. Resumable: finished rows are kept in OUT/results.json.")
     run.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
     run.add_argument("--out", default=None, help="work folder (default: yaqa_out/<model name>)")
-    run.add_argument("--methods", nargs="+", default=["rtn", "ldlq", "yaqa-A", "yaqa-B"], help="default: %(default)s")
+    run.add_argument("--methods", nargs="+", default=list(PIPELINE_METHODS),
+                     help="each optionally with a low-rank term, e.g. yaqa-B+kl:8 or yaqa-B+qera-exact:32 "
+                          "(default: %(default)s)")
     run.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], help="default: %(default)s")
     run.add_argument("--seeds", nargs="+", type=int, default=[0], help="default: %(default)s")
     run.add_argument("--n-seqs", type=int, default=128, help="calibration sequences (default: %(default)s)")
@@ -107,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-seqs", type=int, default=64, help="default: %(default)s")
     run.add_argument("--eval-len", type=int, default=256, help="default: %(default)s")
     run.add_argument("--no-rht", action="store_true", help="quantize without the random Hadamard transform")
+    run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
     run.add_argument("--device", default=default_device, help="default: %(default)s")
     return parser
@@ -143,11 +156,12 @@ def _quantize(args: argparse.Namespace) -> None:
 
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
-                         skip=args.skip)
+                         skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
+                         datafree_transform=args.datafree_transform)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    data = None if args.method == "rtn" or args.hessians else (args.data or corpus_texts("calibration"))
-    report = quantize(model, config, hessians=args.hessians, data=data, tokenizer=tokenizer, n_seqs=args.n_seqs,
-                      seq_len=args.seq_len)
+    data = None if args.method in ("rtn", "datafree") or args.hessians else (args.data or corpus_texts("calibration"))
+    report = quantize(model, config, hessians=args.hessians, data=data, input_moments=args.input_moments,
+                      tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len)
     print(report.table())
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -193,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         config = {"rht": False} if args.no_rht else {}
         if args.scale != "channel":
             config["scale"] = args.scale
+        if args.tile is not None:
+            config["td_x"] = config["td_y"] = args.tile
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
                      seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device,
                      config=config)

@@ -12,16 +12,42 @@ from pathlib import Path
 
 from .data import corpus_texts, prepare_tokens
 from .evaluation import evaluate
-from .hessians import _atomic_write_text, collect_hessians
+from .fileio import atomic_write_text
+from .hessians import collect_hessians
 from .hf import QuantConfig
+from .lowrank import LOWRANK_METHODS
 from .models import load_model
 from .quantize import quantize
 
-__all__ = ["PIPELINE_METHODS", "format_results", "run_pipeline"]
+__all__ = ["PIPELINE_METHODS", "format_results", "parse_method", "run_pipeline"]
 
 # name -> (QuantConfig.method, sketch of the factors it uses)
-PIPELINE_METHODS = {"rtn": ("rtn", None), "ldlq": ("ldlq", "input"), "yaqa-A": ("yaqa", "A"), "yaqa-B": ("yaqa", "B")}
+PIPELINE_METHODS = {"rtn": ("rtn", None), "datafree": ("datafree", None), "ldlq": ("ldlq", "input"),
+                    "yaqa-A": ("yaqa", "A"), "yaqa-B": ("yaqa", "B")}
 _POWER_ITERS = {"input": 1, "A": 2, "B": 1}  # Sketch A: sum x^T x, then one H_O and one H_I half-iteration
+_NEEDS_MOMENTS = ("lqer", "qera-approx", "qera-exact")  # low-rank methods that read the input statistics
+
+
+def parse_method(name: str) -> tuple[str, str | None, int]:
+    """``"yaqa-B+kl:8"`` -> ``("yaqa-B", "kl", 8)``: a pipeline method, optionally with a low-rank term."""
+    base, _, lowrank = name.partition("+")
+    if base not in PIPELINE_METHODS:
+        raise ValueError(f"unknown method {name!r}: use one of {list(PIPELINE_METHODS)}, optionally with a low-rank "
+                         f"term as METHOD+LOWRANK:RANK (LOWRANK one of {LOWRANK_METHODS}), e.g. 'yaqa-B+kl:8'")
+    if not lowrank:
+        return base, None, 0
+    kind, _, rank = lowrank.partition(":")
+    if kind not in LOWRANK_METHODS or not rank.isdigit() or int(rank) < 1:
+        raise ValueError(f"bad low-rank term in {name!r}: write METHOD+LOWRANK:RANK with LOWRANK one of "
+                         f"{LOWRANK_METHODS} and RANK >= 1, e.g. 'yaqa-B+kl:8'")
+    if kind == "kl" and PIPELINE_METHODS[base][1] not in ("A", "B"):
+        raise ValueError(f"{name!r}: the 'kl' low-rank term needs YAQA's two factors; use it with yaqa-A or yaqa-B")
+    return base, kind, int(rank)
+
+
+def _order(name: str) -> tuple[int, int, int]:
+    base, kind, rank = parse_method(name)
+    return list(PIPELINE_METHODS).index(base), rank, -1 if kind is None else LOWRANK_METHODS.index(kind)
 
 
 def format_results(rows: list[dict]) -> str:
@@ -29,10 +55,9 @@ def format_results(rows: list[dict]) -> str:
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["bits"], r["method"]), []).append(r)
-    order = list(PIPELINE_METHODS)
     lines = ["| bits | method | KL (nats/token) | ppl | bits/weight | quantize s | seeds |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for (bits, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
+    for (bits, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
         kl = [r["kl"] for r in rs]
         spread = f" ± {statistics.stdev(kl):.4f}" if len(kl) > 1 else ""
         lines.append(f"| {bits} | {method} | {statistics.mean(kl):.4f}{spread} | "
@@ -61,11 +86,11 @@ def run_pipeline(
 ) -> list[dict]:
     """Run (or resume) the experiment; writes ``results.json`` and ``results.md`` into ``out_dir``.
 
-    ``config``: further :class:`QuantConfig` fields for every method (e.g. ``{"rht": False}``).
+    ``methods``: names of :data:`PIPELINE_METHODS`, each optionally with a low-rank term
+    (``"yaqa-B+kl:8"``, see :func:`parse_method`). ``config``: further :class:`QuantConfig` fields for
+    every method (e.g. ``{"rht": False}``).
     """
-    unknown = [m for m in methods if m not in PIPELINE_METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(PIPELINE_METHODS)}")
+    parsed = {m: parse_method(m) for m in methods}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -83,24 +108,34 @@ def run_pipeline(
     print(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; calibration "
           f"{n_seqs} x {seq_len} tokens (State of the Union to 1950), evaluation {eval_seqs} x {eval_len} tokens "
           "(later addresses, Moby-Dick)")
+
+    def factors(sketch: str, seed: int, method: str) -> Path:
+        path = out / "hessians" / f"{sketch}-seed{seed}"
+        start = time.perf_counter()
+        collect_hessians(model, calibration, path, sketch=sketch, power_iters=_POWER_ITERS[sketch], n_seqs=n_seqs,
+                         seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress)
+        print(f"factors for {method} (sketch {sketch}, seed {seed}) in {path} "
+              f"({time.perf_counter() - start:.1f} s, reused if already collected)")
+        return path
+
     for seed in seeds:
         for method in methods:
-            qmethod, sketch = PIPELINE_METHODS[method]
-            hessians = None
-            if sketch is not None and any((method, b, seed) not in done for b in bits):
-                hessians = out / "hessians" / f"{sketch}-seed{seed}"
-                start = time.perf_counter()
-                collect_hessians(model, calibration, hessians, sketch=sketch, power_iters=_POWER_ITERS[sketch],
-                                 n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, seed=seed, progress=progress)
-                print(f"factors for {method} (sketch {sketch}, seed {seed}) in {hessians} "
-                      f"({time.perf_counter() - start:.1f} s, reused if already collected)")
+            base, lowrank, rank = parsed[method]
+            qmethod, sketch = PIPELINE_METHODS[base]
+            if all((method, b, seed) in done for b in bits):
+                continue
+            hessians = None if sketch is None else factors(sketch, seed, method)
+            moments = factors("input", seed, method) if lowrank in _NEEDS_MOMENTS else None
             for b in bits:
                 if (method, b, seed) in done:
                     continue
                 qmodel = copy.deepcopy(model)
                 start = time.perf_counter()
-                qconfig = QuantConfig(**{**(config or {}), "method": qmethod, "bits": b, "seed": seed})
-                report = quantize(qmodel, qconfig, hessians=hessians, progress=False)
+                fields = {"method": qmethod, "bits": b, "seed": seed}
+                if lowrank is not None:
+                    fields.update(lowrank_rank=rank, lowrank_method=lowrank)
+                qconfig = QuantConfig(**{**(config or {}), **fields})
+                report = quantize(qmodel, qconfig, hessians=hessians, input_moments=moments, progress=False)
                 seconds = time.perf_counter() - start
                 result = evaluate(model, qmodel, evaluation, batch_size=batch_size, n_seqs=eval_seqs, seq_len=eval_len)
                 row = {"method": method, "bits": b, "seed": seed, "kl": result.kl, "ppl_orig": result.ppl_orig,
@@ -109,11 +144,11 @@ def run_pipeline(
                 rows.append(row)
                 print(f"  {method:7s} {b}-bit seed {seed}: KL {result.kl:.4f}, ppl {result.ppl_quant:.2f} "
                       f"(orig {result.ppl_orig:.2f}), {report.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
-                _atomic_write_text(json.dumps({"model": model_name, "config": config or {}, "rows": rows}, indent=2),
+                atomic_write_text(json.dumps({"model": model_name, "config": config or {}, "rows": rows}, indent=2),
                                    results_path)
                 del qmodel
     table = format_results([r for r in rows if r["method"] in methods and r["bits"] in bits and r["seed"] in seeds])
-    _atomic_write_text(table + "\n", out / "results.md")
+    atomic_write_text(table + "\n", out / "results.md")
     print(table)
     return rows
 

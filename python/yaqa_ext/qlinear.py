@@ -1,5 +1,6 @@
-"""The quantized linear layer: bit-packed codes, grid scales, RHT signs; ``y = x W^T + b`` with
-``W = S_V Had_m^T W_hat Had_n S_U`` (or ``W = W_hat`` without RHT), ``W_hat = (codes - z) * s``."""
+"""The quantized linear layer: bit-packed codes, grid scales, RHT signs, optional low-rank term;
+``y = x W^T + b`` with ``W = (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (no RHT: ``W_hat``; no
+column scale d: 1; no low-rank term: 0) and ``W_hat = (codes - z) * s``."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ class QuantizedLinear(nn.Module):
     """A drop-in replacement of ``nn.Linear`` (or GPT-2's ``Conv1D``) holding a quantized weight.
 
     Buffers: ``qweight`` (packed codes), ``scales`` / ``zeros`` (fp16, (1 or m, n / group_size): one row
-    when every row is the same),
-    and with RHT ``sign_in`` / ``sign_out`` (one bit per sign, packed) plus the ``rht_seed`` that drew them.
+    when every row is the same); with RHT ``sign_in`` / ``sign_out`` (one bit per sign, packed) plus the
+    ``rht_seed`` that drew them; with a low-rank term ``lowrank_A`` (m x k) and ``lowrank_B`` (k x n),
+    fp16; with an input-column scale ``in_scale`` (n, fp16: the weight was quantized as ``W diag(d)``).
     """
 
     def __init__(
@@ -55,6 +57,8 @@ class QuantizedLinear(nn.Module):
         bias: bool,
         rht_seed: int = 0,
         bias_dtype: torch.dtype | str = torch.float32,
+        lowrank_rank: int = 0,
+        in_scale: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
@@ -77,6 +81,17 @@ class QuantizedLinear(nn.Module):
         if isinstance(bias_dtype, str):
             bias_dtype = getattr(torch, bias_dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
+        if lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be >= 0, got {lowrank_rank}")
+        if lowrank_rank > 0:
+            self.register_buffer("lowrank_A", torch.zeros(out_features, lowrank_rank, dtype=torch.float16))
+            self.register_buffer("lowrank_B", torch.zeros(lowrank_rank, in_features, dtype=torch.float16))
+        else:
+            self.lowrank_A = self.lowrank_B = None
+        if in_scale:
+            self.register_buffer("in_scale", torch.ones(in_features, dtype=torch.float16))
+        else:
+            self.in_scale = None
 
     @property
     def rht(self) -> RHT | None:
@@ -88,16 +103,24 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_rounding(
-        cls, codes: Tensor, params: QuantParams, rht: RHT | None, bias: Tensor | None
+        cls,
+        codes: Tensor,
+        params: QuantParams,
+        rht: RHT | None,
+        bias: Tensor | None,
+        lowrank: tuple[Tensor, Tensor] | None = None,
+        in_scale: Tensor | None = None,
     ) -> QuantizedLinear:
-        """The layer of a rounding result: ``codes`` and ``params`` of the (RHT-transformed) weight."""
+        """The layer of a rounding result: ``codes`` and ``params`` of the (RHT-transformed, column-scaled
+        by ``in_scale``) weight, plus a low-rank term ``(A, B)`` (stored in fp16)."""
         m, n = codes.shape
         scales, zeros = (t[:1] if bool((t == t[:1]).all()) else t for t in (params.scales, params.zeros))
         if not (torch.equal(scales.half().float(), scales) and torch.equal(zeros.half().float(), zeros)):
             raise ValueError("QuantizedLinear stores fp16 scales and zero points; these are not fp16 values")
         layer = cls(n, m, params.bits, params.group_size, scales.size(0), zeros.size(0), rht is not None, bias is not None,
                     rht_seed=rht.seed if rht is not None else 0,
-                    bias_dtype=bias.dtype if bias is not None else torch.float32)
+                    bias_dtype=bias.dtype if bias is not None else torch.float32,
+                    lowrank_rank=0 if lowrank is None else lowrank[0].size(1), in_scale=in_scale is not None)
         layer.to(codes.device)
         layer.qweight.copy_(pack_codes(codes, params.bits))
         layer.scales.copy_(scales)
@@ -107,6 +130,13 @@ class QuantizedLinear(nn.Module):
             layer.sign_out.copy_(pack_codes((rht.sign_out > 0).to(torch.uint8).unsqueeze(0), 1))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
+        if layer.lowrank_A is not None:
+            layer.lowrank_A.copy_(lowrank[0])
+            layer.lowrank_B.copy_(lowrank[1])
+        if in_scale is not None:
+            if not torch.equal(in_scale.half().float(), in_scale.float()):
+                raise ValueError("in_scale must hold fp16 values (it is stored in fp16)")
+            layer.in_scale.copy_(in_scale)
         return layer
 
     def spec(self) -> dict:
@@ -117,6 +147,7 @@ class QuantizedLinear(nn.Module):
             "rht": self.sign_in is not None,
             "bias": self.bias is not None, "rht_seed": self.rht_seed,
             "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else "float32",
+            "lowrank_rank": 0 if self.lowrank_A is None else self.lowrank_A.size(1), "in_scale": self.in_scale is not None,
         }
 
     def codes(self) -> Tensor:
@@ -128,11 +159,17 @@ class QuantizedLinear(nn.Module):
         z = self.zeros.float().repeat_interleave(self.group_size, dim=1)
         return (self.codes().float() - z) * s
 
-    def weight_matrix(self) -> Tensor:
-        """The effective ``W`` (fp32, m x n) of ``y = x W^T + b``, in the original basis."""
+    def weight_matrix(self, lowrank: bool = True) -> Tensor:
+        """The effective ``W`` (fp32, m x n) of ``y = x W^T + b``, in the original basis (with ``lowrank``
+        False: without the low-rank term, i.e. the dequantized base weight)."""
         W_hat = self.dequantized_weight()
         rht = self.rht
-        return W_hat if rht is None else rht.inverse_weight(W_hat)
+        W = W_hat if rht is None else rht.inverse_weight(W_hat)
+        if self.in_scale is not None:
+            W = W / self.in_scale.float()
+        if lowrank and self.lowrank_A is not None:
+            W = W + self.lowrank_A.float() @ self.lowrank_B.float()
+        return W
 
     @property
     def weight(self) -> Tensor:
@@ -142,18 +179,23 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         W_hat = self.dequantized_weight().to(x.dtype)
+        xs = x if self.in_scale is None else x / self.in_scale.to(x.dtype)
         rht = self.rht
-        if rht is None:
-            y = x @ W_hat.T
-        else:
-            y = rht.output_inverse(rht.input_transform(x) @ W_hat.T)
+        y = xs @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(xs) @ W_hat.T)
+        if self.lowrank_A is not None:
+            y = y + (x @ self.lowrank_B.to(x.dtype).T) @ self.lowrank_A.to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def bits_per_weight(self) -> float:
-        """Stored bits of the weight (codes, scales, zero points, signs; not the bias) per weight."""
-        stored = [self.qweight, self.scales, self.zeros] + ([self.sign_in, self.sign_out] if self.sign_in is not None else [])
+        """Stored bits of the weight (codes, scales, zero points, signs, low-rank term, column scale; not the
+        bias) per weight."""
+        stored = [self.qweight, self.scales, self.zeros, self.sign_in, self.sign_out, self.lowrank_A, self.lowrank_B,
+                  self.in_scale]
+        stored = [t for t in stored if t is not None]
         return sum(t.numel() * t.element_size() * 8 for t in stored) / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
+        rank = 0 if self.lowrank_A is None else self.lowrank_A.size(1)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, rht={self.sign_in is not None}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, rht={self.sign_in is not None}, lowrank_rank={rank}, "
+                f"in_scale={self.in_scale is not None}, bias={self.bias is not None}")

@@ -14,11 +14,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .codebooks import QuantParams
+from .codebooks import QuantParams, Quantizer
+from .datafree import Partner, find_partners, proxy_factors
 from .hadamard import RHT
-from .hessians import HessianFactors, _mix, collect_hessians, find_targets, load_hessians
+from .hessians import HessianFactors, _mix, collect_hessians, find_targets, load_hessians, weight_matrix
 from .hf import QuantConfig, replace_module
 from .ldl import block_ldl
+from .lowrank import lowrank_correction
 from .qlinear import QuantizedLinear
 from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
@@ -34,9 +36,12 @@ class LayerReport:
     """Relative damping that made H_in factor (None: not used)."""
     damp_out: float | None
     proxy_two_sided: float | None
-    """tr(dW H_I dW^T H_O) / tr(W H_I W^T H_O) (None without H_O)."""
+    """tr(dW H_I dW^T H_O) / tr(W H_I W^T H_O) of the final layer, low-rank term included (None without
+    both factors)."""
     proxy_one_sided: float | None
     """tr(dW H_I dW^T) / tr(W H_I W^T) (None without H_I)."""
+    lowrank: str | None
+    """'method:rank' of the low-rank term, if any."""
     bits_per_weight: float
     seconds: float
 
@@ -80,26 +85,104 @@ def _tile(size: int, cap: int) -> int:
     return max(d for d in range(1, min(size, cap) + 1) if size % d == 0)
 
 
-def _weight(module: nn.Module) -> Tensor:
-    """The (out, in) fp32 weight of an nn.Linear or a GPT-2 Conv1D (stored in x out)."""
-    W = module.weight.detach()
-    return (W if isinstance(module, nn.Linear) else W.T).float()
-
-
 def _relative(dW: Tensor, W: Tensor, H_in: Tensor, H_out: Tensor | None) -> float:
     return proxy_loss(dW, H_in, H_out) / max(proxy_loss(W, H_in, H_out), 1e-300)
 
 
-def _round_layer(
-    W: Tensor, H_in: Tensor | None, H_out: Tensor | None, config: QuantConfig, tiles: tuple[int, int], params: QuantParams
-) -> tuple[Rounded, float | None, float | None]:
-    if config.method == "rtn":
-        return round_to_nearest(W, params), None, None
-    td_x, td_y = tiles
-    ldl_in = block_ldl(H_in, td_y, damp=config.sigma_reg, damp_step=config.sigma_reg)
-    ldl_out = block_ldl(H_out, td_x, damp=config.sigma_reg, damp_step=config.sigma_reg) if config.method == "yaqa" else None
-    rounded = ldlq_round(W, ldl_in.L, None if ldl_out is None else ldl_out.L, quantizer=params, td_x=td_x, td_y=td_y)
-    return rounded, ldl_in.damp, None if ldl_out is None else ldl_out.damp
+def _damped_ldl(H: Tensor | None, block: int, config: QuantConfig) -> tuple[Tensor | None, float | None]:
+    if H is None:
+        return None, None
+    ldl = block_ldl(H, block, damp=config.sigma_reg, damp_step=config.sigma_reg)
+    return ldl.L, ldl.damp
+
+
+def _column_scale(W: Tensor, quantizer: Quantizer, rht: RHT | None) -> Tensor | None:
+    """The input-column scaling d (fp16 values) minimising ||W - Q(W diag d) diag(1/d)||_F over
+    d = (mean_i |W_ij|)^-a for a in 0.25..1 (normalised to a geometric mean of 1; it evens out the
+    columns so that one scale per row suits them all), or None if none beats no scaling: the
+    calibration-free mode's optional learned transform of single matrices."""
+
+    def error(d: Tensor | None) -> float:
+        Wd = W if d is None else W * d
+        Wt = Wd if rht is None else rht.transform_weight(Wd)
+        back = round_to_nearest(Wt, quantizer.params(Wt)).W_hat
+        back = back if rht is None else rht.inverse_weight(back)
+        return float((W - (back if d is None else back / d)).square().sum())
+
+    magnitude = W.abs().mean(0).clamp_min(1e-8)
+    best, best_err = None, error(None)
+    for a in (0.25, 0.5, 0.75, 1.0):
+        d = magnitude ** -a
+        d = (d / d.log().mean().exp()).clamp(2**-14, 65504.0).half().float()
+        err = error(d)
+        if err < best_err:
+            best, best_err = d, err
+    return best
+
+
+def _quantize_layer(
+    W0: Tensor,
+    bias: Tensor | None,
+    name: str,
+    config: QuantConfig,
+    quantizer: Quantizer,
+    H_in: Tensor | None,
+    H_out: Tensor | None,
+    stats: dict[str, Tensor | None],
+) -> tuple[QuantizedLinear, LayerReport]:
+    """Round one (out, in) weight with normalised factors (None: identity) and build its layer."""
+    start = time.perf_counter()
+    m, n = W0.shape
+    device = W0.device
+    in_scale = None
+    if config.method == "datafree" and config.datafree_transform and H_in is None and H_out is None:
+        rht0 = RHT(m, n, seed=_mix(config.seed, name) % 2**31, device=device) if config.rht else None
+        in_scale = _column_scale(W0, quantizer, rht0)
+    W = W0 if in_scale is None else W0 * in_scale
+    rht = RHT(m, n, seed=_mix(config.seed, name) % 2**31, device=device) if config.rht else None
+    Wt, Hi, Ho = W, H_in, H_out
+    if rht is not None:
+        Wt = rht.transform_weight(W)
+        Hi = None if Hi is None else rht.transform_input_factor(Hi)
+        Ho = None if Ho is None else rht.transform_output_factor(Ho)
+    params = quantizer.params(Wt)
+    tiles = (_tile(m, config.td_x), _tile(n, config.td_y))
+    if config.method == "rtn" or (Hi is None and Ho is None):
+        rounded: Rounded = round_to_nearest(Wt, params)
+        damp_in = damp_out = None
+    else:
+        L_in, damp_in = _damped_ldl(Hi, tiles[1], config)
+        L_out, damp_out = _damped_ldl(Ho if config.method != "ldlq" else None, tiles[0], config)
+        rounded = ldlq_round(Wt, L_in, L_out, quantizer=params, td_x=tiles[0], td_y=tiles[1])
+    layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias, in_scale=in_scale)
+    lowrank = None
+    if config.lowrank_rank > 0:
+        method = config.lowrank_method
+        if method == "auto":
+            method = "kl" if H_in is not None and H_out is not None else "qera-exact" if stats["R"] is not None else "svd"
+        A, B = lowrank_correction(W0 - layer.weight_matrix(), config.lowrank_rank, method, x_abs_mean=stats["x_abs"],
+                                  R=stats["R"], H_in=H_in, H_out=H_out)
+        layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias, in_scale=in_scale,
+                                              lowrank=(A.half().float(), B.half().float()))
+        lowrank = f"{method}:{A.size(1)}"
+    dW = W0 - layer.weight_matrix()
+    report = LayerReport(
+        name=name, shape=(m, n), tiles=tiles, damp_in=damp_in, damp_out=damp_out,
+        proxy_two_sided=None if H_in is None or H_out is None else _relative(dW, W0, H_in, H_out),
+        proxy_one_sided=None if H_in is None else _relative(dW, W0, H_in, None),
+        lowrank=lowrank, bits_per_weight=layer.bits_per_weight(), seconds=time.perf_counter() - start,
+    )
+    return layer, report
+
+
+def _open(source: str | os.PathLike | HessianFactors | None) -> HessianFactors | None:
+    if source is None or isinstance(source, HessianFactors):
+        return source
+    return load_hessians(source)
+
+
+def _normalised(H: Tensor | None) -> Tensor | None:
+    return None if H is None else H / H.diagonal().mean()
 
 
 @torch.no_grad()
@@ -109,6 +192,7 @@ def quantize(
     hessians: str | os.PathLike | HessianFactors | None = None,
     data=None,
     *,
+    input_moments: str | os.PathLike | HessianFactors | None = None,
     tokenizer=None,
     sketch: str = "B",
     n_seqs: int = 128,
@@ -120,73 +204,61 @@ def quantize(
     """Quantize every linear layer of the decoder blocks in place; returns the per-layer report.
 
     ``method="yaqa"`` needs H_in and H_out (a Sketch A or B collection), ``"ldlq"`` H_in (any
-    collection, e.g. ``sketch="input"``), ``"rtn"`` nothing. Without ``hessians`` but with ``data``
-    the factors are collected first (``sketch``, ``n_seqs``, ``seq_len``; into ``collect_dir`` or a
-    temporary folder). Per layer: factors normalised by their mean diagonal, RHT (``config.rht``),
-    ``block_ldl`` with damping ``sigma_reg`` (retried with more), rounding, and a
+    collection, e.g. ``sketch="input"``), ``"rtn"`` and ``"datafree"`` nothing. Without ``hessians``
+    but with ``data`` the factors are collected first (``sketch``, ``n_seqs``, ``seq_len``; into
+    ``collect_dir`` or a temporary folder). Per layer: factors normalised by their mean diagonal,
+    RHT (``config.rht``), ``block_ldl`` with damping ``sigma_reg`` (retried with more), rounding,
+    the optional low-rank term (``config.lowrank_rank``; QERA / LQER statistics come from
+    ``input_moments``, an ``sketch="input"`` collection, or from ``hessians`` if it is one), and a
     :class:`QuantizedLinear` in place of the layer. ``model.config.quantization_config`` is set, so
     ``model.save_pretrained`` writes a folder ``AutoModelForCausalLM.from_pretrained`` can load.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a yaqa_ext.QuantConfig, got {type(config).__name__}")
-    if config.method != "rtn" and hessians is None and data is None:
+    needs_factors = config.method in ("yaqa", "ldlq")
+    if needs_factors and hessians is None and data is None:
         raise ValueError(f"method {config.method!r} needs Hessian factors: pass hessians=DIR (from collect_hessians) or data=...")
     if config.method == "ldlq" and hessians is None:
         sketch = "input"
     targets = [t for t in find_targets(model) if not config.skips(t.name)]
     if not targets:
         raise ValueError("every linear layer is skipped (config.skip); nothing to quantize")
-    factors: HessianFactors | None = None
     tmp = None
-    if config.method != "rtn":
-        if hessians is None:
-            if collect_dir is None:
-                tmp = tempfile.TemporaryDirectory(prefix="yaqa-hessians-")
-                collect_dir = tmp.name
-            collect_hessians(model, data, collect_dir, tokenizer=tokenizer, sketch=sketch, n_seqs=n_seqs, seq_len=seq_len,
-                             batch_size=batch_size, progress=progress)
-            hessians = collect_dir
-        factors = hessians if isinstance(hessians, HessianFactors) else load_hessians(hessians)
-        missing = [t.name for t in targets if t.name not in factors]
-        if missing:
-            raise ValueError(f"{factors.path} has no factors for {len(missing)} layers (first: {missing[0]}); "
-                             "collect them, or skip those layers with QuantConfig(skip=[...])")
+    if needs_factors and hessians is None:
+        if collect_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="yaqa-hessians-")
+            collect_dir = tmp.name
+        collect_hessians(model, data, collect_dir, tokenizer=tokenizer, sketch=sketch, n_seqs=n_seqs, seq_len=seq_len,
+                         batch_size=batch_size, progress=progress)
+        hessians = collect_dir
+    try:
+        factors = _open(hessians) if needs_factors or (hessians is not None and config.lowrank_rank > 0) else None
+        moments = _open(input_moments) or (factors if factors is not None and factors.sketch == "input" else None)
+        for source in (factors, moments):
+            missing = [t.name for t in targets if source is not None and t.name not in source]
+            if missing:
+                raise ValueError(f"{source.path} has no factors for {len(missing)} layers (first: {missing[0]}); "
+                                 "collect them, or skip those layers with QuantConfig(skip=[...])")
         if config.method == "yaqa" and factors.sketch == "input":
             raise ValueError(f"{factors.path} holds input moments only (sketch 'input'); method 'yaqa' needs H_out "
                              "from a Sketch A or B collection (or use method='ldlq')")
-    quantizer = config.make_quantizer()
-    reports = []
-    modules: dict[str, dict] = {}
-    try:
-        for t in tqdm(targets, desc=f"quantize {config.summary()}", unit="layer", disable=not progress):
-            start = time.perf_counter()
-            device = t.module.weight.device
-            W = _weight(t.module)
-            m, n = W.shape
+        partners: dict[str, Partner] = find_partners(model, targets) if config.method == "datafree" else {}
+        quantizer = config.make_quantizer()
+        reports, modules = [], {}
+        for t in tqdm(targets, desc=f"quantize {config.summary()}", unit="layer", disable=True if not progress else None):
+            W0 = weight_matrix(t.module).float()
             H_in = H_out = None
-            if factors is not None:
-                H_in, H_out = factors.load(t.name, device)
-                H_in = H_in / H_in.diagonal().mean()
-                H_out = None if H_out is None else H_out / H_out.diagonal().mean()
-            rht = RHT(m, n, seed=_mix(config.seed, t.name) % 2**31, device=device) if config.rht else None
-            if rht is not None:
-                W = rht.transform_weight(W)
-                H_in = None if H_in is None else rht.transform_input_factor(H_in)
-                H_out = None if H_out is None else rht.transform_output_factor(H_out)
-            params = quantizer.params(W)
-            tiles = (_tile(m, config.td_x), _tile(n, config.td_y))
-            rounded, damp_in, damp_out = _round_layer(W, H_in, H_out, config, tiles, params)
-            bias = getattr(t.module, "bias", None)
-            layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias)
+            if config.method == "datafree":
+                H_in, H_out = proxy_factors(model, t.name, partners.get(t.name))
+            elif factors is not None:
+                H_in, H_out = factors.load(t.name, W0.device)
+            stats = {"R": None if moments is None else moments.load(t.name, W0.device)[0],
+                     "x_abs": None if moments is None else moments.abs_mean(t.name, W0.device)}
+            layer, report = _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
+                                            _normalised(H_in), _normalised(H_out), stats)
             replace_module(model, t.name, layer)
             modules[t.name] = layer.spec()
-            dW = rounded.W_hat - W
-            reports.append(LayerReport(
-                name=t.name, shape=(m, n), tiles=tiles, damp_in=damp_in, damp_out=damp_out,
-                proxy_two_sided=None if H_in is None or H_out is None else _relative(dW, W, H_in, H_out),
-                proxy_one_sided=None if H_in is None else _relative(dW, W, H_in, None),
-                bits_per_weight=layer.bits_per_weight(), seconds=time.perf_counter() - start,
-            ))
+            reports.append(report)
     finally:
         if tmp is not None:
             tmp.cleanup()
