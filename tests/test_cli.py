@@ -96,6 +96,8 @@ def test_run_with_datafree_and_lowrank_methods(shared, tmp_path):
     ("yaqa-B+kl", "bad low-rank term"),
     ("ldlq+kl:8", "needs YAQA's two factors"),
 ])
-def test_run_rejects_bad_method_names(tmp_path, spec, message):
-    with pytest.raises(ValueError, match=message):
+def test_run_rejects_bad_method_names(tmp_path, capsys, spec, message):
+    with pytest.raises(SystemExit) as exit_info:
         main(["run", "--out", str(tmp_path), "--methods", spec])
+    assert exit_info.value.code == 2
+    assert re.search(f"yaqa run: error: .*{message}", capsys.readouterr().err)

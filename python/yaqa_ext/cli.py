@@ -188,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    try:
+        _dispatch(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:  # a bad argument or file: say so, no traceback
+        if os.environ.get("YAQA_DEBUG"):
+            raise
+        parser.exit(2, f"yaqa {args.command}: error: {error} (YAQA_DEBUG=1 shows the traceback)\n")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "demo":
         from .demo import run_demo
 
@@ -212,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
                      seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device,
                      config=config)
-    return 0
 
 
 if __name__ == "__main__":
