@@ -213,3 +213,24 @@ def test_missing_or_corrupt_files(stories, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bf16_model_round_trip(tmp_path):
+    """A model loaded in bf16 (how most checkpoints are used) quantizes, keeps bf16 activations and its fp16
+    scales, and reloads with identical logits."""
+    tiny_model("llama").save_pretrained(tmp_path / "fp32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    q = copy.deepcopy(model)
+    quantize(q, QuantConfig(method="yaqa", bits=4, lowrank_rank=2), data=tokens, n_seqs=8, seq_len=16, progress=False)
+    layer = q.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantizedLinear) and layer.scales.dtype == torch.float16
+    with torch.no_grad():
+        logits = q(tokens).logits
+    assert logits.dtype == torch.bfloat16
+    assert evaluate(model, q, tokens, n_seqs=8, seq_len=16).kl < 1e-2  # 4 bits + rank 2 on a random tiny model
+    q.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    assert loaded.model.layers[0].mlp.down_proj.scales.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, logits)
