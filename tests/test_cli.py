@@ -72,6 +72,10 @@ def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
     second = capsys.readouterr().out
     assert "bit seed" not in second and "factors for" not in second and "| 4 | yaqa-B |" in second
     assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
+    for changed, name in ((["--n-seqs", "16"], "n_seqs"), (["--tile", "4"], "td_x, td_y")):
+        with pytest.raises(SystemExit):  # rows of other settings are never mixed into one table
+            main(args[:-2] + changed + args[-2:])
+        assert f"differing: {name}" in capsys.readouterr().err
 
 
 def test_run_with_datafree_and_lowrank_methods(shared, tmp_path):

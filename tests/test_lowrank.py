@@ -116,6 +116,30 @@ def test_symmetric_sqrt_and_eigenvalue_floor():
     torch.testing.assert_close(S @ S_inv, torch.eye(5, dtype=torch.float64), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["lqer", "qera-approx", "qera-exact", "kl"])
+def test_raw_token_sums_give_the_same_term_in_fp16_range(problem, method):
+    """Collections store sums over tokens, not means: 1e9 tokens and outlier channels (rms 3000) must not change
+    the product A B (the objectives are scale-free) nor push A or B beyond fp16's 65504."""
+    outlier = torch.tensor([3000.0, 1, 1, 1, 1, 1], dtype=torch.float64)
+    p = {**problem, "x_abs_mean": problem["x_abs_mean"] * outlier, "R": problem["R"] * outlier[:, None] * outlier}
+    p["H_in"] = problem["H_in"] * outlier[:, None] * outlier
+    big = {**p, "x_abs_mean": p["x_abs_mean"] * 1e9, "R": p["R"] * 1e9, "H_in": p["H_in"] * 1e9,
+           "H_out": p["H_out"] * 1e9}
+    A, B = lowrank_correction(big["dW"], K, method, x_abs_mean=big["x_abs_mean"], R=big["R"], H_in=big["H_in"],
+                              H_out=big["H_out"])
+    torch.testing.assert_close(A @ B, closed_form(method, p), rtol=1e-9, atol=1e-9)  # fp64 throughout
+    assert A.abs().max() < 100 and B.abs().max() < 100, (A.abs().max(), B.abs().max())
+
+
+@pytest.mark.parametrize("method", ["lqer", "qera-approx", "qera-exact", "kl"])
+def test_all_zero_statistics_give_a_finite_term(problem, method):
+    """A layer whose inputs were never non-zero: every correction is equally good; it must still be finite."""
+    zero = {"x_abs_mean": torch.zeros(N, dtype=torch.float64), "R": torch.zeros(N, N, dtype=torch.float64),
+            "H_in": torch.zeros(N, N, dtype=torch.float64), "H_out": torch.zeros(M, M, dtype=torch.float64)}
+    A, B = lowrank_correction(problem["dW"], K, method, **zero)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+
+
 def test_missing_statistics_are_named(problem):
     with pytest.raises(ValueError, match="'qera-exact' needs R"):
         lowrank_correction(problem["dW"], 2, "qera-exact")
@@ -170,6 +194,7 @@ def test_rank_zero_changes_nothing(stories_setup):
     quantize(a, QuantConfig(method="ldlq", bits=3), hessians=root / "input", progress=False)
     quantize(b, QuantConfig(method="ldlq", bits=3, lowrank_rank=0, lowrank_method="svd"), hessians=root / "input",
              progress=False)
+    assert len(list(a.named_buffers())) == len(list(b.named_buffers()))
     for (na, ma), (nb, mb) in zip(a.named_buffers(), b.named_buffers()):
         assert na == nb and torch.equal(ma, mb)
 
@@ -196,3 +221,21 @@ def test_save_load_and_peft_export(stories_setup, tmp_path):
         torch.testing.assert_close(peft_model(evaluation[:2]).logits, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="no layer has a low-rank term"):
         export_lora(model, tmp_path / "none")
+
+
+def test_missing_lowrank_statistics_fail_before_any_work(stories_setup, tmp_path):
+    model, root, _ = stories_setup
+    tokens = torch.randint(0, 512, (8, 64))
+    with pytest.raises(ValueError, match="'qera-exact' needs the input statistics"):
+        quantize(copy.deepcopy(model), QuantConfig(method="yaqa", lowrank_rank=4, lowrank_method="qera-exact"),
+                 data=tokens, collect_dir=tmp_path / "collect", n_seqs=8, seq_len=64, progress=False)
+    assert not (tmp_path / "collect").exists()  # nothing was collected
+    with pytest.raises(ValueError, match="input_moments: .* is a Sketch B collection"):
+        quantize(copy.deepcopy(model), QuantConfig(method="yaqa", lowrank_rank=4, lowrank_method="qera-exact"),
+                 hessians=root / "B", input_moments=root / "B", progress=False)
+    with pytest.raises(ValueError, match="'kl' needs YAQA's two factors"):
+        quantize(copy.deepcopy(model), QuantConfig(method="datafree", lowrank_rank=4, lowrank_method="kl"),
+                 progress=False)
+    with pytest.raises(ValueError, match="'kl' needs YAQA's two factors"):
+        quantize(copy.deepcopy(model), QuantConfig(method="ldlq", lowrank_rank=4, lowrank_method="kl"),
+                 hessians=root / "input", progress=False)

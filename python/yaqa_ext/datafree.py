@@ -3,15 +3,17 @@
 Two layers that multiply directly, ``y = W2 W1 x`` (attention V then O, per head group), are rounded
 for the error of their product ``||W2 W1 - W2_hat W1_hat||``: the first with ``H_O = W2^T W2``
 (``H_I = I``), the second with ``H_I = W1_hat W1_hat^T`` (``H_O = I``), the first already rounded when
-the second is. An MLP puts an activation between its two matrices: an error ``dh`` of the hidden
-layer reaches the output as ``W2 (s * dh)`` with a per-token gain ``s`` (the activation's derivative,
-or for a gated MLP's up branch the gate's activation), so the exact factor is ``E[s s^T] * W2^T W2``
-(elementwise). Without data we take ``s`` i.i.d. over the hidden units with the moments of the
-activation at a standard normal pre-activation, ``E[s s^T] ~ mu^2 (11^T + rho I)``, ``rho = var / mu^2``:
-the proxy is ``G + rho diag(G)`` with ``G`` the partner's Gram matrix (SiLU gives rho = 7.3, ReLU 1).
-A gate's error is multiplied by the zero-mean up branch, so its proxy is ``diag(G)`` alone. A layer with
-no partner gets identity factors (round to nearest), optionally after an input-column scaling that
-lowers ``||W - W_hat||_F``.
+the second is. An MLP puts an activation between its matrices (the paper pairs them as an
+approximation). There an error ``dh`` of the hidden layer reaches the output as ``W2 (s * dh)`` with a
+per-token gain ``s`` (the activation's derivative; for a gated MLP's up branch the gate's activation,
+for the gate the derivative times the up branch), so the exact factors are ``E[s s^T] * W2^T W2``
+(elementwise) and, for the second matrix, ``E[h h^T]`` of its input ``h``. Both are expectations of
+functions of ``z = A x``; for white ``x`` scaled to a mean pre-activation variance of 1 (the one
+assumption about the data), the Hermite expansion gives ``E[f(z_i) f(z_j)] = sum_k c_k(v_i) c_k(v_j) C_ij^k``
+with ``C`` the correlation matrix of ``A A^T`` and ``c_k(v)`` the Hermite coefficients of ``f`` at
+variance ``v_i ~ (A A^T)_ii``: weights only, no data. (A gated MLP's two branches are taken as
+independent for the second matrix's input.) A layer with no partner gets identity factors (round to nearest), optionally
+after an input-column scaling that lowers ``||W - W_hat||_F``.
 """
 
 from __future__ import annotations
@@ -19,28 +21,27 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
 from .hessians import TargetModule, decoder_layers, weight_matrix
 
-__all__ = ["Partner", "activation_rho", "find_partners", "proxy_factors"]
+__all__ = ["Partner", "find_partners", "hermite_coefficients", "proxy_factors"]
 
 log = logging.getLogger("yaqa_ext")
 
-# (first, second, kind, first's Gram is the second's H_I), by module name within a block. kind: "head"
-# (linear, per attention head group), "gated" (the up branch, scaled by the gate's activation), "gate",
-# "mlp" (an activation's derivative between the two).
+# (first, second, kind, the second's H_I comes from the first, the other branch of a gated MLP), by module
+# name within a block. kind: "head" (linear, per attention head group), "gated" (the up branch, scaled by the
+# gate's activation), "gate", "mlp" (an activation between the two).
 _PAIRS = [
-    ("self_attn.v_proj", "self_attn.o_proj", "head", True),  # Llama, Qwen2, Mistral
-    ("self_attn.v_proj", "self_attn.out_proj", "head", True),  # OPT
-    ("mlp.up_proj", "mlp.down_proj", "gated", True),  # gated MLPs
-    ("mlp.gate_proj", "mlp.down_proj", "gate", False),
-    ("fc1", "fc2", "mlp", True),  # OPT
-    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp", True),  # GPT-NeoX
-    ("mlp.c_fc", "mlp.c_proj", "mlp", True),  # GPT-2
+    ("self_attn.v_proj", "self_attn.o_proj", "head", True, None),  # Llama, Qwen2, Mistral
+    ("self_attn.v_proj", "self_attn.out_proj", "head", True, None),  # OPT
+    ("mlp.up_proj", "mlp.down_proj", "gated", True, "mlp.gate_proj"),  # gated MLPs
+    ("mlp.gate_proj", "mlp.down_proj", "gate", False, "mlp.up_proj"),
+    ("fc1", "fc2", "mlp", True, None),  # OPT
+    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp", True, None),  # GPT-NeoX
+    ("mlp.c_fc", "mlp.c_proj", "mlp", True, None),  # GPT-2
 ]
 
 
@@ -49,6 +50,7 @@ class Partner:
     role: str  # "first" or "second"
     partner: str  # the module the role pairs with (for a second, the first whose Gram gives H_I)
     kind: str  # "head", "gated", "gate" or "mlp" (see _PAIRS)
+    other: str | None = None  # gated MLPs: the other branch of the first (up <-> gate); for the second, the gate
 
 
 def find_partners(model: nn.Module, targets: list[TargetModule]) -> dict[str, Partner]:
@@ -57,9 +59,10 @@ def find_partners(model: nn.Module, targets: list[TargetModule]) -> dict[str, Pa
     names = {t.name: t for t in targets}
     out: dict[str, Partner] = {}
     for i in sorted({t.layer for t in targets}):
-        for first, second, kind, feeds in _PAIRS:
+        for first, second, kind, feeds, branch in _PAIRS:
             a, b = f"{prefix}.{i}.{first}", f"{prefix}.{i}.{second}"
-            if a not in names or b not in names:
+            other = None if branch is None else f"{prefix}.{i}.{branch}"
+            if a not in names or b not in names or (other is not None and _linear(model, other) is None):
                 continue
             if kind == "head":
                 heads, kv, hd = _heads(model)
@@ -67,28 +70,34 @@ def find_partners(model: nn.Module, targets: list[TargetModule]) -> dict[str, Pa
             else:
                 fits = names[a].out_features == names[b].in_features
             if fits:
-                out[a] = Partner("first", b, kind)
+                out[a] = Partner("first", b, kind, other)
                 if feeds:
-                    out[b] = Partner("second", a, kind)
+                    out[b] = Partner("second", a, kind, None if other is None else f"{prefix}.{i}.mlp.gate_proj")
     alone = [n for n in names if n not in out]
     if alone:
         log.info("datafree: %d layers have no partner and get identity factors (e.g. %s)", len(alone), alone[0])
     return out
 
 
-@lru_cache(maxsize=None)
-def activation_rho(name: str, derivative: bool) -> float:
-    """``Var[s] / E[s]^2`` of ``s = act(g)`` (or ``act'(g)``), ``g ~ N(0, 1)``, by quadrature."""
+def hermite_coefficients(name: str, derivative: bool, variances: Tensor, order: int = 4) -> tuple[Tensor, Tensor]:
+    """Normalised Hermite coefficients ``c_k = E[f(sqrt(v) g) He_k(g)] / sqrt(k!)``, k = 0..order, and
+    ``E[f(sqrt(v) g)^2]`` of ``f`` = the activation (or its derivative) at ``g ~ N(0, 1)``, per variance v,
+    by quadrature: ``(order + 1, len(v))`` and ``(len(v),)``."""
     from transformers.activations import ACT2FN
 
+    g = torch.linspace(-10.0, 10.0, 1001, dtype=torch.float64, device=variances.device)
+    weight = torch.exp(-g**2 / 2) * (g[1] - g[0]) / math.sqrt(2 * math.pi)
     with torch.enable_grad():  # also under no_grad (quantize)
-        g = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64, requires_grad=derivative)
-        s = ACT2FN[name](g)
+        z = (variances.double().clamp_min(0).sqrt()[:, None] * g).requires_grad_(derivative)
+        f = ACT2FN[name](z)
         if derivative:
-            (s,) = torch.autograd.grad(s.sum(), g)
-    w = torch.exp(-g.detach() ** 2 / 2) * (g[1] - g[0]).detach() / math.sqrt(2 * math.pi)
-    mean, second = float((s * w).sum()), float((s * s * w).sum())
-    return (second - mean * mean) / (mean * mean)
+            (f,) = torch.autograd.grad(f.sum(), z)
+    f = f.detach() * weight
+    he = [torch.ones_like(g), g]
+    for k in range(2, order + 1):
+        he.append(g * he[-1] - (k - 1) * he[-2])
+    coeffs = torch.stack([f @ he[k] / math.sqrt(math.factorial(k)) for k in range(order + 1)])
+    return coeffs, (f * f / weight).sum(1)
 
 
 def _activation(model: nn.Module) -> str:
@@ -109,19 +118,47 @@ def _heads(model: nn.Module) -> tuple[int, int, int]:
     return heads, kv, head_dim
 
 
+def _linear(model: nn.Module, name: str) -> Tensor | None:
+    """The current (out, in) weight of a linear module (rounded already if it is quantized), or None."""
+    try:
+        return weight_matrix(model.get_submodule(name)).double()
+    except AttributeError:
+        return None
+
+
+def _gain_moment(A: Tensor, activation: str, derivative: bool) -> Tensor:
+    """``E[f(z) f(z)^T]`` for ``z = A x``, white ``x`` scaled so that the mean variance of ``z`` is 1, ``f`` the
+    activation or its derivative: ``sum_k c_k c_k^T * C^k`` (Hermite expansion to 4th order, elementwise powers of
+    the correlation matrix ``C``), with the exact second moments on the diagonal."""
+    G = A @ A.T
+    var = G.diagonal().clamp_min(0)
+    scale = var.sqrt().clamp_min(1e-300)
+    C = G / torch.outer(scale, scale)
+    coeffs, second = hermite_coefficients(activation, derivative, var / var.mean().clamp_min(1e-300))
+    M = sum(torch.outer(c, c) * C**k for k, c in enumerate(coeffs))
+    return M - torch.diag(M.diagonal()) + torch.diag(second)
+
+
 def proxy_factors(model: nn.Module, name: str, partner: Partner | None) -> tuple[Tensor | None, Tensor | None]:
-    """``(H_in, H_out)`` of a layer from its partner's current weight (None: identity)."""
+    """``(H_in, H_out)`` of a layer from its own and its partners' current weights (None: identity)."""
     if partner is None:
         return None, None
-    W = weight_matrix(model.get_submodule(partner.partner)).double()
+    W = _linear(model, partner.partner)
     if partner.kind != "head":
-        G = W.T @ W if partner.role == "first" else W @ W.T
-        if partner.kind == "gate":
-            G = torch.diag(G.diagonal())
-        else:
-            rho = activation_rho(_activation(model), derivative=partner.kind == "mlp")
-            G = G + rho * torch.diag(G.diagonal())
-        return (None, G) if partner.role == "first" else (G, None)
+        act = _activation(model)
+        if partner.role == "first":
+            own = _linear(model, name)
+            if partner.kind == "gated":  # up: gain silu(gate x)
+                gain = _gain_moment(_linear(model, partner.other), act, derivative=False)
+            elif partner.kind == "gate":  # gate: gain silu'(gate x) * (up x)
+                up = _linear(model, partner.other)
+                gain = _gain_moment(own, act, derivative=True) * (up @ up.T)
+            else:  # plain MLP: gain act'(W1 x)
+                gain = _gain_moment(own, act, derivative=True)
+            return None, gain * (W.T @ W)
+        if partner.kind == "gated":  # down's input silu(gate x) * (up x), the two branches taken as independent
+            return _gain_moment(_linear(model, partner.other), act, derivative=False) * (W @ W.T), None
+        return _gain_moment(W, act, derivative=False), None  # plain MLP: down's input act(W1 x)
     heads, kv, hd = _heads(model)
     rep = heads // kv
     if partner.role == "first":  # V, partner O: block g = sum over the query heads h of group g of O_h^T O_h

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -119,14 +120,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def dequantize(model: nn.Module, lowrank: bool = True) -> nn.Module:
-    """Replace every :class:`QuantizedLinear` by an fp32 ``nn.Linear`` holding its effective weight, in place
+def dequantize(model: nn.Module, lowrank: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`QuantizedLinear` by an ``nn.Linear`` holding its effective weight, in place
     (``lowrank=False``: without the low-rank term, the base of a QLoRA-style adapter from
-    :func:`export_lora`). The model no longer carries a ``quantization_config``."""
+    :func:`export_lora`), in ``dtype`` (default: the model's, ``model.dtype``, so a bf16 model stays bf16).
+    The model no longer carries a ``quantization_config``."""
+    if dtype is None:
+        dtype = getattr(model, "dtype", None) or torch.float32
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.qweight.device)
+                               device=module.qweight.device, dtype=dtype)
             linear.weight.data.copy_(module.weight_matrix(lowrank=lowrank))
             if module.bias is not None:
                 linear.bias.data.copy_(module.bias)
@@ -180,7 +184,7 @@ class YaqaHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        return dequantize(model)
+        return dequantize(model, dtype=dtype)
 
     @property
     def is_trainable(self) -> bool:

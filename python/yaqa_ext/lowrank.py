@@ -10,6 +10,8 @@ form for each objective (ALGORITHMS.md section 7).
 Each is exact (Eckart-Young in the weighted norm). Square roots and inverses of the symmetric weights
 use their eigendecomposition with every eigenvalue raised to at least ``EIG_FLOOR`` times the largest
 (also for a diagonal S): dead input channels then cost nothing instead of making the inverse explode.
+Weights are scaled to a mean diagonal of 1 first (the objectives do not change), and the singular
+values are split evenly between A and B, so both stay in fp16 range whatever the token count.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ LOWRANK_METHODS = ("svd", "lqer", "qera-approx", "qera-exact", "kl")
 EIG_FLOOR = 1e-6
 
 
+def _scaled(M: Tensor) -> Tensor:
+    """M in fp64 divided by its mean diagonal (the identity's shape if M is zero: a dead layer weighs nothing)."""
+    M = M.double()
+    mean = float(M.diagonal().mean()) if M.dim() == 2 else float(M.mean())
+    if not mean > 0:
+        return torch.eye(M.shape[0], dtype=M.dtype, device=M.device) if M.dim() == 2 else torch.ones_like(M)
+    return M / mean
+
+
 def symmetric_sqrt(H: Tensor, floor: float = EIG_FLOOR) -> tuple[Tensor, Tensor]:
     """``(H^1/2, H^-1/2)`` of a symmetric PSD matrix in fp64, eigenvalues floored at ``floor * max``."""
     lam, V = torch.linalg.eigh(H.double())
@@ -31,13 +42,15 @@ def symmetric_sqrt(H: Tensor, floor: float = EIG_FLOOR) -> tuple[Tensor, Tensor]
 
 
 def truncated_svd(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The best rank-k approximation ``U_k Sigma_k V_k^T`` of M as ``(U_k Sigma_k, V_k^T)``."""
+    """The best rank-k approximation ``U_k Sigma_k V_k^T`` of M as ``(U_k Sigma_k^1/2, Sigma_k^1/2 V_k^T)``."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :k] * S[:k], Vh[:k]
+    root = S[:k].sqrt()
+    return U[:, :k] * root, root[:, None] * Vh[:k]
 
 
 def _diagonal_weight(d: Tensor, floor: float = EIG_FLOOR) -> Tensor:
-    return d.double().clamp_min(floor * float(d.max().clamp_min(0)) + 1e-300)
+    d = _scaled(d)
+    return d.clamp_min(floor * float(d.max()))
 
 
 def lowrank_correction(
@@ -74,12 +87,12 @@ def lowrank_correction(
         A, B = truncated_svd(E * s, k)
         return A, B / s
     if method == "qera-exact":
-        S, S_inv = symmetric_sqrt(R)
+        S, S_inv = symmetric_sqrt(_scaled(R))
         A, B = truncated_svd(E @ S, k)
         return A, B @ S_inv
     if H_out is None:
         raise ValueError("lowrank method 'kl' needs H_out too (a Sketch A or B collection)")
-    Si, Si_inv = symmetric_sqrt(H_in)
-    So, So_inv = symmetric_sqrt(H_out)
+    Si, Si_inv = symmetric_sqrt(_scaled(H_in))
+    So, So_inv = symmetric_sqrt(_scaled(H_out))
     A, B = truncated_svd(So @ E @ Si, k)
     return So_inv @ A, B @ Si_inv

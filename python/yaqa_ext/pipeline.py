@@ -68,6 +68,15 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_settings(config: dict | None, **run: int) -> dict:
+    """What makes two runs' rows comparable: the run's sizes and every QuantConfig field the methods share
+    (the defaults included, so a change of default is not mixed into old results)."""
+    shared = QuantConfig(**(config or {})).to_dict()
+    for key in ("method", "bits", "seed", "lowrank_rank", "lowrank_method", "modules", "quant_method"):
+        shared.pop(key)
+    return {**run, **shared}
+
+
 def run_pipeline(
     model_name: str,
     out_dir: str | os.PathLike,
@@ -95,10 +104,15 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     rows: list[dict] = []
+    settings = run_settings(config, n_seqs=n_seqs, seq_len=seq_len, eval_seqs=eval_seqs, eval_len=eval_len,
+                            batch_size=batch_size)
     if results_path.exists():
         saved = json.loads(results_path.read_text())
-        if saved.get("model") != model_name or saved.get("config", {}) != (config or {}):
-            raise FileExistsError(f"{results_path} holds results of another model or configuration; choose another --out")
+        if saved.get("model") != model_name or saved.get("settings") != settings:
+            old = saved.get("settings") or {}
+            changed = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))
+            raise FileExistsError(f"{results_path} holds results of another model or other settings (model "
+                                  f"{saved.get('model')!r}, differing: {', '.join(changed) or '-'}); choose another --out")
         rows = saved["rows"]
     done = {(r["method"], r["bits"], r["seed"]) for r in rows}
 
@@ -144,8 +158,8 @@ def run_pipeline(
                 rows.append(row)
                 print(f"  {method:7s} {b}-bit seed {seed}: KL {result.kl:.4f}, ppl {result.ppl_quant:.2f} "
                       f"(orig {result.ppl_orig:.2f}), {report.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
-                atomic_write_text(json.dumps({"model": model_name, "config": config or {}, "rows": rows}, indent=2),
-                                   results_path)
+                atomic_write_text(json.dumps({"model": model_name, "settings": settings, "rows": rows}, indent=2),
+                                  results_path)
                 del qmodel
     table = format_results([r for r in rows if r["method"] in methods and r["bits"] in bits and r["seed"] in seeds])
     atomic_write_text(table + "\n", out / "results.md")

@@ -179,7 +179,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         W_hat = self.dequantized_weight().to(x.dtype)
-        xs = x if self.in_scale is None else x / self.in_scale.to(x.dtype)
+        xs = x if self.in_scale is None else (x.float() / self.in_scale.float()).to(x.dtype)  # fp16 x / 2^-14 overflows
         rht = self.rht
         y = xs @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(xs) @ W_hat.T)
         if self.lowrank_A is not None:

@@ -181,6 +181,20 @@ def _open(source: str | os.PathLike | HessianFactors | None) -> HessianFactors |
     return load_hessians(source)
 
 
+def _check_lowrank_statistics(config: QuantConfig, hessians: HessianFactors | None, moments: HessianFactors | None,
+                              collecting: str | None) -> None:
+    """Fail before any collection or rounding if the low-rank method's statistics cannot be there
+    (``collecting``: the sketch quantize() is about to collect, if any)."""
+    method = config.lowrank_method if config.lowrank_rank > 0 else None
+    sketch = hessians.sketch if hessians is not None else collecting
+    if method in ("lqer", "qera-approx", "qera-exact") and moments is None and sketch != "input":
+        raise ValueError(f"lowrank_method {method!r} needs the input statistics: pass input_moments=DIR from "
+                         "collect_hessians(..., sketch='input') (CLI: --input-moments), or hessians from one")
+    if method == "kl" and (config.method == "datafree" or sketch not in ("A", "B")):
+        raise ValueError("lowrank_method 'kl' needs YAQA's two factors H_in and H_out: use it with hessians from "
+                         "a Sketch A or B collection and method 'yaqa' or 'ldlq' (or choose another lowrank_method)")
+
+
 def _normalised(H: Tensor | None) -> Tensor | None:
     return None if H is None else H / H.diagonal().mean()
 
@@ -220,6 +234,11 @@ def quantize(
         raise ValueError(f"method {config.method!r} needs Hessian factors: pass hessians=DIR (from collect_hessians) or data=...")
     if config.method == "ldlq" and hessians is None:
         sketch = "input"
+    hessians, input_moments = _open(hessians), _open(input_moments)
+    if input_moments is not None and input_moments.sketch != "input":
+        raise ValueError(f"input_moments: {input_moments.path} is a Sketch {input_moments.sketch} collection; the "
+                         "low-rank statistics need one made with sketch='input' (yaqa collect --sketch input)")
+    _check_lowrank_statistics(config, hessians, input_moments, sketch if needs_factors and hessians is None else None)
     targets = [t for t in find_targets(model) if not config.skips(t.name)]
     if not targets:
         raise ValueError("every linear layer is skipped (config.skip); nothing to quantize")
@@ -233,7 +252,7 @@ def quantize(
         hessians = collect_dir
     try:
         factors = _open(hessians) if needs_factors or (hessians is not None and config.lowrank_rank > 0) else None
-        moments = _open(input_moments) or (factors if factors is not None and factors.sketch == "input" else None)
+        moments = input_moments or (factors if factors is not None and factors.sketch == "input" else None)
         for source in (factors, moments):
             missing = [t.name for t in targets if source is not None and t.name not in source]
             if missing:
