@@ -173,6 +173,8 @@ def test_opcheck(device):
     L_out = ldl_factor(correlated_factor(16, 6), 8).to(device)
     torch.library.opcheck(torch.ops.yaqa.ldlq_round.default, (W, L_in, L_out, p.scales, p.zeros, 2, 16, 8, 8))
     torch.library.opcheck(torch.ops.yaqa.ldlq_round.default, (W, L_in, None, p.scales, p.zeros, 2, 16, 8, 8))
+    torch.library.opcheck(torch.ops.yaqa.ldlq_round.default, (W, None, L_out, p.scales, p.zeros, 2, 16, 8, 8))
+    torch.library.opcheck(torch.ops.yaqa.ldlq_round.default, (W, None, None, p.scales, p.zeros, 2, 16, 8, 8))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and yaqa_ext.WITH_CUDA), reason="needs a CUDA GPU and a CUDA build")

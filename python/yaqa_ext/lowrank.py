@@ -19,9 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["EIG_FLOOR", "LOWRANK_METHODS", "lowrank_correction", "symmetric_sqrt", "truncated_svd"]
+__all__ = ["EIG_FLOOR", "INPUT_STAT_METHODS", "LOWRANK_METHODS", "lowrank_correction", "symmetric_sqrt", "truncated_svd"]
 
 LOWRANK_METHODS = ("svd", "lqer", "qera-approx", "qera-exact", "kl")
+INPUT_STAT_METHODS = ("lqer", "qera-approx", "qera-exact")
+"""The methods weighted by input statistics (a ``sketch="input"`` collection)."""
 EIG_FLOOR = 1e-6
 
 

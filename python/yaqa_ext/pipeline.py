@@ -15,7 +15,7 @@ from .evaluation import evaluate
 from .fileio import atomic_write_text
 from .hessians import collect_hessians
 from .hf import QuantConfig
-from .lowrank import LOWRANK_METHODS
+from .lowrank import INPUT_STAT_METHODS, LOWRANK_METHODS
 from .models import load_model
 from .quantize import quantize
 
@@ -25,7 +25,6 @@ __all__ = ["PIPELINE_METHODS", "format_results", "parse_method", "run_pipeline"]
 PIPELINE_METHODS = {"rtn": ("rtn", None), "datafree": ("datafree", None), "ldlq": ("ldlq", "input"),
                     "yaqa-A": ("yaqa", "A"), "yaqa-B": ("yaqa", "B")}
 _POWER_ITERS = {"input": 1, "A": 2, "B": 1}  # Sketch A: sum x^T x, then one H_O and one H_I half-iteration
-_NEEDS_MOMENTS = ("lqer", "qera-approx", "qera-exact")  # low-rank methods that read the input statistics
 
 
 def parse_method(name: str) -> tuple[str, str | None, int]:
@@ -139,7 +138,7 @@ def run_pipeline(
             if all((method, b, seed) in done for b in bits):
                 continue
             hessians = None if sketch is None else factors(sketch, seed, method)
-            moments = factors("input", seed, method) if lowrank in _NEEDS_MOMENTS else None
+            moments = factors("input", seed, method) if lowrank in INPUT_STAT_METHODS else None
             for b in bits:
                 if (method, b, seed) in done:
                     continue

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .codebooks import QuantParams
 from .hadamard import RHT
 
-__all__ = ["QuantizedLinear", "pack_codes", "unpack_codes"]
+__all__ = ["QuantizedLinear", "effective_weight", "pack_codes", "unpack_codes"]
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -34,6 +34,17 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(m, -1, bits)
     weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
     return (stream.to(torch.int32) * weights).sum(-1)[:, :n].to(torch.uint8)
+
+
+def effective_weight(W_hat: Tensor, rht: RHT | None, in_scale: Tensor | None = None,
+                     lowrank: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``W = (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (fp32, original basis) of a rounding result."""
+    W = W_hat.float() if rht is None else rht.inverse_weight(W_hat.float())
+    if in_scale is not None:
+        W = W / in_scale.float()
+    if lowrank is not None:
+        W = W + lowrank[0].float() @ lowrank[1].float()
+    return W
 
 
 class QuantizedLinear(nn.Module):
@@ -162,14 +173,8 @@ class QuantizedLinear(nn.Module):
     def weight_matrix(self, lowrank: bool = True) -> Tensor:
         """The effective ``W`` (fp32, m x n) of ``y = x W^T + b``, in the original basis (with ``lowrank``
         False: without the low-rank term, i.e. the dequantized base weight)."""
-        W_hat = self.dequantized_weight()
-        rht = self.rht
-        W = W_hat if rht is None else rht.inverse_weight(W_hat)
-        if self.in_scale is not None:
-            W = W / self.in_scale.float()
-        if lowrank and self.lowrank_A is not None:
-            W = W + self.lowrank_A.float() @ self.lowrank_B.float()
-        return W
+        terms = (self.lowrank_A, self.lowrank_B) if lowrank and self.lowrank_A is not None else None
+        return effective_weight(self.dequantized_weight(), self.rht, self.in_scale, terms)
 
     @property
     def weight(self) -> Tensor:

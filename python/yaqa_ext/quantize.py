@@ -20,8 +20,8 @@ from .hadamard import RHT
 from .hessians import HessianFactors, _mix, collect_hessians, find_targets, load_hessians, weight_matrix
 from .hf import QuantConfig, replace_module
 from .ldl import block_ldl
-from .lowrank import lowrank_correction
-from .qlinear import QuantizedLinear
+from .lowrank import INPUT_STAT_METHODS, lowrank_correction
+from .qlinear import QuantizedLinear, effective_weight
 from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
 __all__ = ["LayerReport", "QuantReport", "quantize"]
@@ -134,12 +134,11 @@ def _quantize_layer(
     start = time.perf_counter()
     m, n = W0.shape
     device = W0.device
+    rht = RHT(m, n, seed=_mix(config.seed, name) % 2**31, device=device) if config.rht else None
     in_scale = None
     if config.method == "datafree" and config.datafree_transform and H_in is None and H_out is None:
-        rht0 = RHT(m, n, seed=_mix(config.seed, name) % 2**31, device=device) if config.rht else None
-        in_scale = _column_scale(W0, quantizer, rht0)
+        in_scale = _column_scale(W0, quantizer, rht)
     W = W0 if in_scale is None else W0 * in_scale
-    rht = RHT(m, n, seed=_mix(config.seed, name) % 2**31, device=device) if config.rht else None
     Wt, Hi, Ho = W, H_in, H_out
     if rht is not None:
         Wt = rht.transform_weight(W)
@@ -154,18 +153,17 @@ def _quantize_layer(
         L_in, damp_in = _damped_ldl(Hi, tiles[1], config)
         L_out, damp_out = _damped_ldl(Ho if config.method != "ldlq" else None, tiles[0], config)
         rounded = ldlq_round(Wt, L_in, L_out, quantizer=params, td_x=tiles[0], td_y=tiles[1])
-    layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias, in_scale=in_scale)
-    lowrank = None
+    lowrank, terms = None, None
     if config.lowrank_rank > 0:
         method = config.lowrank_method
         if method == "auto":
             method = "kl" if H_in is not None and H_out is not None else "qera-exact" if stats["R"] is not None else "svd"
-        A, B = lowrank_correction(W0 - layer.weight_matrix(), config.lowrank_rank, method, x_abs_mean=stats["x_abs"],
-                                  R=stats["R"], H_in=H_in, H_out=H_out)
-        layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias, in_scale=in_scale,
-                                              lowrank=(A.half().float(), B.half().float()))
+        A, B = lowrank_correction(W0 - effective_weight(rounded.W_hat, rht, in_scale), config.lowrank_rank, method,
+                                  x_abs_mean=stats["x_abs"], R=stats["R"], H_in=H_in, H_out=H_out)
+        terms = (A.half().float(), B.half().float())
         lowrank = f"{method}:{A.size(1)}"
-    dW = W0 - layer.weight_matrix()
+    layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias, lowrank=terms, in_scale=in_scale)
+    dW = W0 - effective_weight(rounded.W_hat, rht, in_scale, terms)  # = W0 - layer.weight_matrix() (W_hat is exact)
     report = LayerReport(
         name=name, shape=(m, n), tiles=tiles, damp_in=damp_in, damp_out=damp_out,
         proxy_two_sided=None if H_in is None or H_out is None else _relative(dW, W0, H_in, H_out),
@@ -187,7 +185,7 @@ def _check_lowrank_statistics(config: QuantConfig, hessians: HessianFactors | No
     (``collecting``: the sketch quantize() is about to collect, if any)."""
     method = config.lowrank_method if config.lowrank_rank > 0 else None
     sketch = hessians.sketch if hessians is not None else collecting
-    if method in ("lqer", "qera-approx", "qera-exact") and moments is None and sketch != "input":
+    if method in INPUT_STAT_METHODS and moments is None and sketch != "input":
         raise ValueError(f"lowrank_method {method!r} needs the input statistics: pass input_moments=DIR from "
                          "collect_hessians(..., sketch='input') (CLI: --input-moments), or hessians from one")
     if method == "kl" and (config.method == "datafree" or sketch not in ("A", "B")):

@@ -42,15 +42,15 @@ def ldlq_round(
 
     ``L_in`` / ``L_out`` are the factors of ``block_ldl(H_in, td_y)`` / ``block_ldl(H_out, td_x)`` (only
     their strictly block-lower parts are used); ``L_out=None`` is one-sided LDLQ (= GPTQ for
-    ``td_y = 1``), ``L_in=None`` feeds back on the output side only, both None round to nearest. The result minimises the proxy loss tile by tile: ``tr(eta D_in eta^T D_out)``
-    with eta the per-tile rounding residual. W must be float32 (m x n) with ``td_x | m``, ``td_y | n``.
+    ``td_y = 1``), ``L_in=None`` feeds back on the output side only, both None round to nearest. The
+    result minimises the proxy loss tile by tile: ``tr(eta D_in eta^T D_out)`` with eta the per-tile
+    rounding residual. W must be float32 (m x n) with ``td_x | m``, ``td_y | n``.
     ``quantizer`` gives the grid: a :class:`Quantizer` (parameters from W) or fixed :class:`QuantParams`.
     """
     params = _params(W, quantizer)
     W_hat, codes = ops.ldlq_round(
         W, None if L_in is None else L_in.float(), None if L_out is None else L_out.float(), params.scales,
-        params.zeros, params.bits,
-        params.group_size, td_x, td_y,
+        params.zeros, params.bits, params.group_size, td_x, td_y,
     )
     return Rounded(W_hat, codes)
 
