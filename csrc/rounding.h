@@ -60,19 +60,15 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
   TORCH_CHECK_VALUE(group_size >= 1 && n % group_size == 0, op, ": group_size = ", group_size,
                     " must divide the number of columns n = ", n);
   const int64_t groups = n / group_size;
-  if (L_in.has_value()) {
-    check_square(*L_in, op, "L_in");
-    TORCH_CHECK_VALUE(L_in->size(0) == n, op, ": L_in must be ", n, " x ", n, " (W has ", n, " columns), got ",
-                      L_in->sizes());
-    TORCH_CHECK_TYPE(L_in->scalar_type() == at::kFloat, op, ": L_in must be float32, got ", L_in->scalar_type());
-    check_same_device(W, *L_in, op, "W", "L_in");
-  }
-  if (L_out.has_value()) {
-    check_square(*L_out, op, "L_out");
-    TORCH_CHECK_VALUE(L_out->size(0) == m, op, ": L_out must be ", m, " x ", m, " (W has ", m, " rows), got ",
-                      L_out->sizes());
-    TORCH_CHECK_TYPE(L_out->scalar_type() == at::kFloat, op, ": L_out must be float32, got ", L_out->scalar_type());
-    check_same_device(W, *L_out, op, "W", "L_out");
+  // The optional factors: L_in (n x n, W's columns) and L_out (m x m, W's rows).
+  for (const auto& [L, size, name, side] :
+       {std::tuple{&L_in, n, "L_in", "columns"}, std::tuple{&L_out, m, "L_out", "rows"}}) {
+    if (!L->has_value()) continue;
+    check_square(**L, op, name);
+    TORCH_CHECK_VALUE((*L)->size(0) == size, op, ": ", name, " must be ", size, " x ", size, " (W has ", size, " ", side,
+                      "), got ", (*L)->sizes());
+    TORCH_CHECK_TYPE((*L)->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", (*L)->scalar_type());
+    check_same_device(W, **L, op, "W", name);
   }
   for (const auto& [t, name] : {std::pair{&scales, "scales"}, std::pair{&zeros, "zeros"}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
