@@ -14,13 +14,15 @@ TORCH_LIBRARY(yaqa, m) {
   m.def("hadamard_transform(Tensor x, Tensor? had) -> Tensor");
 
   // Kronecker-factor sketches (ALGORITHMS.md section 3), accumulated in place into fp32/fp64
-  // factors; products in fp32 (TF32 on CUDA only with allow_tf32). A P absent means identity.
-  // Updates without a P are symmetric rank-k: the result is the upper triangle of H + update,
-  // mirrored, so H stays exactly symmetric.
+  // factors; products in fp64 when X or G is fp64, else fp32 (TF32 on CUDA only with allow_tf32).
+  // A P absent means identity. Every update is symmetric: the result is the upper triangle of
+  // H + update, mirrored, so H stays exactly symmetric.
   // Sketch B, per sequence: Gw_b = G_b^T X_b for X (B, T, n), G (B, T, m);
   //   H_in += sum_b Gw_b^T P_out Gw_b,  H_out += sum_b Gw_b P_in Gw_b^T.
+  // contraction: "gradient" forms each Gw_b first, "gram" goes through the T x T Gram matrices
+  // (H_in += X_b^T (G_b P_out G_b^T) X_b), "auto" takes the one with fewer flops per factor.
   m.def("sketch_b_update(Tensor X, Tensor G, Tensor(a!) H_in, Tensor(b!) H_out, Tensor? P_in=None, "
-        "Tensor? P_out=None, bool allow_tf32=False) -> ()");
+        "Tensor? P_out=None, bool allow_tf32=False, str contraction=\"auto\") -> ()");
   // Sketch A, per token of X (..., n), G (..., m):
   //   H_in += (g_t P_out g_t^T) x_t^T x_t,  H_out += (x_t P_in x_t^T) g_t^T g_t.
   m.def("sketch_a_update(Tensor X, Tensor G, Tensor(a!)? H_in, Tensor(b!)? H_out, Tensor? P_in=None, "

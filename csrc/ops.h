@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace yaqa {
@@ -11,7 +12,8 @@ namespace yaqa {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cpu(const at::Tensor& H, int64_t block_size);
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::Tensor>& had);
 void sketch_b_update_cpu(const at::Tensor& X, const at::Tensor& G, at::Tensor& H_in, at::Tensor& H_out,
-                         const std::optional<at::Tensor>& P_in, const std::optional<at::Tensor>& P_out, bool allow_tf32);
+                         const std::optional<at::Tensor>& P_in, const std::optional<at::Tensor>& P_out, bool allow_tf32,
+                         std::string_view contraction);
 void sketch_a_update_cpu(const at::Tensor& X, const at::Tensor& G, std::optional<at::Tensor> H_in,
                          std::optional<at::Tensor> H_out, const std::optional<at::Tensor>& P_in,
                          const std::optional<at::Tensor>& P_out, bool allow_tf32);
@@ -25,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W, const std
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cuda(const at::Tensor& H, int64_t block_size);
 at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::Tensor>& had);
 void sketch_b_update_cuda(const at::Tensor& X, const at::Tensor& G, at::Tensor& H_in, at::Tensor& H_out,
-                          const std::optional<at::Tensor>& P_in, const std::optional<at::Tensor>& P_out, bool allow_tf32);
+                          const std::optional<at::Tensor>& P_in, const std::optional<at::Tensor>& P_out, bool allow_tf32,
+                          std::string_view contraction);
 void sketch_a_update_cuda(const at::Tensor& X, const at::Tensor& G, std::optional<at::Tensor> H_in,
                           std::optional<at::Tensor> H_out, const std::optional<at::Tensor>& P_in,
                           const std::optional<at::Tensor>& P_out, bool allow_tf32);

@@ -58,7 +58,8 @@ SHAPES = [(3, 5, 8, 12), (1, 7, 16, 16), (4, 1, 12, 4), (1, 1, 5, 3), (2, 33, 24
 @pytest.mark.parametrize(("B", "T", "n", "m"), SHAPES)
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_sketch_b_matches_brute_force(device, B, T, n, m, acc_dtype, weighted):
+@pytest.mark.parametrize("contraction", ["auto", "gradient", "gram"])
+def test_sketch_b_matches_brute_force(device, B, T, n, m, acc_dtype, weighted, contraction):
     g = torch.Generator().manual_seed(B * 100 + T)
     X = torch.randn(B, T, n, generator=g).to(device)
     G = torch.randn(B, T, m, generator=g).to(device)
@@ -66,13 +67,54 @@ def test_sketch_b_matches_brute_force(device, B, T, n, m, acc_dtype, weighted):
     P_out = rand_sym(m, torch.float64, device, 2) if weighted else None
     H_in0, H_out0 = rand_sym(n, acc_dtype, device, 3), rand_sym(m, acc_dtype, device, 4)
     H_in, H_out = H_in0.clone(), H_out0.clone()
-    yaqa_ext.sketch_b_update(X, G, H_in, H_out, P_in=P_in, P_out=P_out)
+    yaqa_ext.sketch_b_update(X, G, H_in, H_out, P_in=P_in, P_out=P_out, contraction=contraction)
     ref_in, ref_out = sketch_b_reference(X, G, P_in, P_out)
     assert H_in.dtype == acc_dtype and H_out.dtype == acc_dtype
     assert_factor_close(H_in - H_in0, ref_in)
     assert_factor_close(H_out - H_out0, ref_out)
-    if not weighted:  # the symmetric (SYRK) path keeps the factors exactly symmetric
-        assert torch.equal(H_in, H_in.T) and torch.equal(H_out, H_out.T)
+    # every update is symmetric (SYRK / SYRKX of the upper triangle, mirrored): the factors stay exactly so
+    assert torch.equal(H_in, H_in.T) and torch.equal(H_out, H_out.T)
+
+
+@pytest.mark.parametrize("contraction", ["gradient", "gram"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fp64_activations_are_multiplied_in_fp64(device, contraction, weighted):
+    """fp64 in means fp64 maths: the relative error against the fp64 loop is ~1e-15, where fp32
+    products give ~1e-7 (so the bound 1e-12 fails if any product is done in fp32)."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(3, 40, 24, generator=g, dtype=torch.float64).to(device)
+    G = torch.randn(3, 40, 36, generator=g, dtype=torch.float64).to(device)
+    P_in = rand_sym(24, torch.float64, device, 1) if weighted else None
+    P_out = rand_sym(36, torch.float64, device, 2) if weighted else None
+    H_in = torch.zeros(24, 24, dtype=torch.float64, device=device)
+    H_out = torch.zeros(36, 36, dtype=torch.float64, device=device)
+    ops.sketch_b_update(X, G, H_in, H_out, P_in, P_out, contraction=contraction)
+    ref_in, ref_out = sketch_b_reference(X, G, P_in, P_out)
+    for H, ref in ((H_in, ref_in), (H_out, ref_out)):
+        assert float((H.cpu() - ref).norm() / ref.norm()) < 1e-12
+    Ha_in, Ha_out = torch.zeros_like(H_in), torch.zeros_like(H_out)
+    ops.sketch_a_update(X, G, Ha_in, Ha_out, P_in, P_out)
+    for H, ref in zip((Ha_in, Ha_out), sketch_a_reference(X, G, P_in, P_out)):
+        assert float((H.cpu() - ref).norm() / ref.norm()) < 1e-12
+    M = torch.zeros_like(H_in)
+    ops.input_moment_update(X, M)
+    x = X.cpu().reshape(-1, 24)
+    assert float((M.cpu() - x.T @ x).norm() / (x.T @ x).norm()) < 1e-12
+
+
+@pytest.mark.parametrize(("T", "n", "m"), [(256, 1024, 1024), (512, 576, 576), (16, 96, 64), (200, 48, 160)])
+def test_contractions_agree_on_wide_layers(device, T, n, m):
+    """Gram-first and gradient-first orders give the same factors (each against the fp64 loop) on shapes
+    where either one has fewer flops."""
+    g = torch.Generator().manual_seed(T + n)
+    X = torch.randn(2, T, n, generator=g).to(device)
+    G = torch.randn(2, T, m, generator=g).to(device) / T
+    ref_in, ref_out = sketch_b_reference(X, G)
+    for contraction in ("gradient", "gram", "auto"):
+        H_in, H_out = torch.zeros(n, n, device=device), torch.zeros(m, m, device=device)
+        ops.sketch_b_update(X, G, H_in, H_out, contraction=contraction)
+        assert_factor_close(H_in, ref_in)
+        assert_factor_close(H_out, ref_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -173,6 +215,8 @@ def test_bad_inputs(device):
         ((X, G, H_in, torch.zeros(5, 5, dtype=torch.int32, device=device)), TypeError, "H_out must be a float32 or float64"),
         ((X, G, torch.zeros(4, 8, device=device)[:, :4], H_out), ValueError, "H_in must be contiguous"),
         ((X, G, H_in, H_out, torch.eye(5, device=device)), ValueError, "P_in must be 4 x 4"),
+        ((X, G, H_in, H_out, None, None, False, "fast"), ValueError,
+         "contraction must be 'auto', 'gradient' or 'gram', got 'fast'"),
     ]
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -197,10 +241,11 @@ def test_opcheck(device):
     torch.library.opcheck(
         torch.ops.yaqa.sketch_b_update.default, (X, G, torch.zeros(4, 4, device=device), torch.zeros(5, 5, device=device))
     )
-    torch.library.opcheck(
-        torch.ops.yaqa.sketch_b_update.default,
-        (X, G, torch.zeros(4, 4, device=device), torch.zeros(5, 5, device=device), P_in, P_out),
-    )
+    for contraction in ("gradient", "gram"):
+        torch.library.opcheck(
+            torch.ops.yaqa.sketch_b_update.default,
+            (X, G, torch.zeros(4, 4, device=device), torch.zeros(5, 5, device=device), P_in, P_out, False, contraction),
+        )
     torch.library.opcheck(
         torch.ops.yaqa.sketch_a_update.default, (X, G, torch.zeros(4, 4, device=device), None, None, P_out)
     )

@@ -64,13 +64,17 @@ def sketch_b_update(
     P_in: Tensor | None = None,
     P_out: Tensor | None = None,
     allow_tf32: bool = False,
+    contraction: str = "auto",
 ) -> None:
     """In place, with ``Gw_b = G_b^T X_b``: ``H_in += sum_b Gw_b^T P_out Gw_b``, ``H_out += sum_b Gw_b P_in Gw_b^T``.
 
     X (B, T, n) and G (B, T, m) are layer inputs and output gradients of B sequences; a missing P
-    is the identity. Products in fp32 (TF32 on CUDA only with ``allow_tf32``); H fp32 or fp64.
+    is the identity. Products in fp64 when X or G is fp64, else fp32 (TF32 on CUDA only with
+    ``allow_tf32``); H fp32 or fp64. ``contraction``: ``"gradient"`` forms each ``Gw_b`` first,
+    ``"gram"`` goes through the T x T Gram matrices (``H_in += X_b^T (G_b P_out G_b^T) X_b``),
+    ``"auto"`` picks the one with fewer flops for each factor.
     """
-    torch.ops.yaqa.sketch_b_update.default(X, G, H_in, H_out, P_in, P_out, allow_tf32)
+    torch.ops.yaqa.sketch_b_update.default(X, G, H_in, H_out, P_in, P_out, allow_tf32, contraction)
 
 
 def sketch_a_update(
@@ -82,18 +86,21 @@ def sketch_a_update(
     P_out: Tensor | None = None,
     allow_tf32: bool = False,
 ) -> None:
-    """In place, per token: ``H_in += (g_t P_out g_t^T) x_t^T x_t``, ``H_out += (x_t P_in x_t^T) g_t^T g_t``."""
+    """In place, per token: ``H_in += (g_t P_out g_t^T) x_t^T x_t``, ``H_out += (x_t P_in x_t^T) g_t^T g_t``
+    (products in fp64 when X or G is fp64, else fp32)."""
     torch.ops.yaqa.sketch_a_update.default(X, G, H_in, H_out, P_in, P_out, allow_tf32)
 
 
 def input_moment_update(X: Tensor, H: Tensor, allow_tf32: bool = False) -> None:
-    """In place: ``H += sum_t x_t^T x_t`` over every token of X (..., n)."""
+    """In place: ``H += sum_t x_t^T x_t`` over every token of X (..., n) (fp64 products for fp64 X, else fp32)."""
     torch.ops.yaqa.input_moment_update.default(X, H, allow_tf32)
 
 
 @torch.library.register_fake("yaqa::sketch_b_update")
-def _sketch_b_update_fake(X, G, H_in, H_out, P_in=None, P_out=None, allow_tf32=False) -> None:
+def _sketch_b_update_fake(X, G, H_in, H_out, P_in=None, P_out=None, allow_tf32=False, contraction="auto") -> None:
     torch._check(X.dim() == 3 and G.dim() == 3, lambda: "sketch_b_update: X and G must be 3-D")
+    torch._check(contraction in ("auto", "gradient", "gram"),
+                 lambda: f"sketch_b_update: contraction must be 'auto', 'gradient' or 'gram', got {contraction!r}")
     return None
 
 

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "ops.h"
+#include "sketch.h"
 
 namespace {
 
@@ -45,10 +46,37 @@ TEST(SketchCpu, InputMomentIsXtX) {
 TEST(SketchCpu, SketchBSingleSequenceIsGradientGram) {
   at::Tensor X = at::randn({1, 6, 5}), G = at::randn({1, 6, 3});
   at::Tensor H_in = at::zeros({5, 5}, at::kDouble), H_out = at::zeros({3, 3}, at::kDouble);
-  yaqa::sketch_b_update_cpu(X, G, H_in, H_out, std::nullopt, std::nullopt, false);
+  yaqa::sketch_b_update_cpu(X, G, H_in, H_out, std::nullopt, std::nullopt, false, "auto");
   at::Tensor Gw = at::matmul(G[0].t().to(at::kDouble), X[0].to(at::kDouble));
   EXPECT_TRUE(at::allclose(H_in, at::matmul(Gw.t(), Gw), 1e-4, 1e-4));
   EXPECT_TRUE(at::allclose(H_out, at::matmul(Gw, Gw.t()), 1e-4, 1e-4));
+}
+
+TEST(SketchPlan, AutoTakesTheContractionWithFewerFlops) {
+  using yaqa::Contraction;
+  // Short sequences of a wide layer: the T x T Gram matrices (2*T^2*(m+n) + T*n^2 per factor, here
+  // 0.08 GFLOP) against 2*T*m*n + m*n^2 + n*m^2 = 2.3 GFLOP for the per-sequence gradients.
+  const auto short_seq = yaqa::plan_sketch_b("auto", 64, 1024, 1024, false, false);
+  EXPECT_EQ(short_seq.in, Contraction::kGram);
+  EXPECT_EQ(short_seq.out, Contraction::kGram);
+  // Long sequences of a narrow layer (SmolLM2's q_proj at T = 2048): the gradients are cheaper.
+  const auto long_seq = yaqa::plan_sketch_b("auto", 2048, 576, 576, false, false);
+  EXPECT_EQ(long_seq.in, Contraction::kGradient);
+  EXPECT_EQ(long_seq.out, Contraction::kGradient);
+  // A forced order is taken as given; anything else is refused with the allowed names.
+  EXPECT_EQ(yaqa::plan_sketch_b("gram", 2048, 576, 576, false, false).in, Contraction::kGram);
+  EXPECT_EQ(yaqa::plan_sketch_b("gradient", 64, 1024, 1024, false, false).out, Contraction::kGradient);
+  EXPECT_THROW(yaqa::plan_sketch_b("fastest", 64, 8, 8, false, false), c10::ValueError);
+}
+
+TEST(SketchCpu, GramOrderEqualsGradientOrder) {
+  at::Tensor X = at::randn({2, 5, 12}), G = at::randn({2, 5, 9});
+  at::Tensor a_in = at::zeros({12, 12}, at::kDouble), a_out = at::zeros({9, 9}, at::kDouble);
+  at::Tensor b_in = at::zeros({12, 12}, at::kDouble), b_out = at::zeros({9, 9}, at::kDouble);
+  yaqa::sketch_b_update_cpu(X, G, a_in, a_out, std::nullopt, std::nullopt, false, "gram");
+  yaqa::sketch_b_update_cpu(X, G, b_in, b_out, std::nullopt, std::nullopt, false, "gradient");
+  EXPECT_TRUE(at::allclose(a_in, b_in, 1e-4, 1e-4));
+  EXPECT_TRUE(at::allclose(a_out, b_out, 1e-4, 1e-4));
 }
 
 TEST(RoundingCpu, IdentityFactorsGiveRoundToNearest) {
