@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_save", "atomic_write_text"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,3 +44,27 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder filled under a temporary name beside ``path`` and renamed to ``path`` when the block ends
+    without an error (removed otherwise): a reader sees the whole folder or none. If another process
+    published ``path`` meanwhile, its folder is kept and this one dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

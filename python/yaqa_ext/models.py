@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from .fileio import atomic_dir
 from .llama2c import SentencePieceTokenizer, find_llama2c_checkpoint, load_llama2c
 
-__all__ = ["DEFAULT_MODEL", "load_model", "shared_dir"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "find_gguf", "gguf_as_hf", "load_model", "shared_dir"]
 
 DEFAULT_MODEL = "stories260K"
 """The default model: ``<shared>/models/stories260K`` (a real llama2.c model, see shared_dir)."""
@@ -38,16 +40,81 @@ def _resolve(name_or_path: str) -> str:
     return str(local) if local.exists() else name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` for a llama2.c folder/file, a local HF folder, or a hub id.
+def find_gguf(source: str | os.PathLike) -> Path | None:
+    """The GGUF file of ``source``: the file itself, or the only ``*.gguf`` of a folder without a
+    Hugging Face ``config.json``; None otherwise."""
+    path = Path(source)
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    if len(files) > 1:
+        raise ValueError(f"{path} holds {len(files)} GGUF files ({', '.join(f.name for f in files)}); pass the path "
+                         "of the one to load")
+    return files[0] if files else None
 
-    A bare name that matches a folder in ``<shared>/models`` is taken from there.
+
+def cache_dir() -> Path:
+    """Where yaqa_ext keeps derived files: ``$YAQA_CACHE``, else ``$XDG_CACHE_HOME/yaqa_ext`` (``~/.cache``)."""
+    env = os.environ.get("YAQA_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "yaqa_ext"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_as_hf(gguf: str | os.PathLike) -> Path:
+    """A Hugging Face folder (fp32 safetensors, config, tokenizer) of a GGUF file's dequantized model.
+
+    transformers dequantizes GGUF weights on every load (about a minute for SmolLM2-135M on 2 cores);
+    this does it once per file content and keeps the result in :func:`cache_dir` (``gguf/<name>-<sha>``),
+    written atomically, so later loads take seconds and give the same weights and tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    if (target / "config.json").exists():
+        return target
+    with atomic_dir(target) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantized; drop the GGUF loader's marks so they save as a plain model.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    return target
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` for a llama2.c folder/file, a GGUF file (or a folder holding one), a
+    local HF folder, or a hub id.
+
+    A bare name that matches a folder in ``<shared>/models`` is taken from there (``"stories260K"``,
+    ``"smollm2-135m"``). GGUF weights are dequantized by transformers (needs the ``gguf`` package)
+    into ``dtype``; that dequantized model is the original the quantized one is compared with.
     """
     source = _resolve(name_or_path)
     checkpoint = find_llama2c_checkpoint(source) if Path(source).exists() else None
+    gguf = None if checkpoint is not None or not Path(source).exists() else find_gguf(source)
     if checkpoint is not None:
         model = load_llama2c(checkpoint, dtype=dtype)
         tokenizer = SentencePieceTokenizer.from_dir(checkpoint.parent)
+    elif gguf is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = gguf_as_hf(gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        model.name_or_path = str(gguf)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         from transformers import AutoModelForCausalLM
 
