@@ -81,6 +81,28 @@ def assert_factor_close(actual, expected):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=1e-4 * scale)
 
 
+def test_sampled_targets_follow_the_model_distribution():
+    """Draws by inversion have the softmax's frequencies (a chi-square bound) and do not depend on batching."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 6, 5, generator=g) * 2
+    logits[0, :, 3] = -float("inf")  # a token of probability 0 is never drawn
+    p = torch.softmax(logits[0].double(), -1)
+    draws = 4000
+    counts = torch.zeros(6, 5, dtype=torch.float64)
+    for r in range(draws):
+        t = sample_targets(logits, seed=0, round_index=r, seq_ids=[0])[0]
+        counts[torch.arange(6), t] += 1
+    assert counts[:, 3].sum() == 0
+    live = p > 0
+    chi2 = float(((counts - draws * p)[live] ** 2 / (draws * p[live])).sum())
+    # 24 cells, 18 degrees of freedom (6 rows x 3): P(chi2 > 42.3) = 0.001 for a correct sampler.
+    assert chi2 < 42.3, chi2
+    batch = torch.randn(3, 6, 5, generator=g)
+    together = sample_targets(batch, 7, 1, [10, 11, 12])
+    alone = torch.cat([sample_targets(batch[i : i + 1], 7, 1, [10 + i]) for i in range(3)])
+    assert torch.equal(together, alone)
+
+
 def test_sketch_b_equals_per_sequence_gradient_sums(tmp_path, tokens):
     model = tiny_model("llama", torch.float64)
     collect_hessians(model, tokens, tmp_path, sketch="B", n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=2,

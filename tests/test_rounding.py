@@ -105,6 +105,16 @@ def test_identity_factors_are_round_to_nearest(device):
     assert torch.equal(ldlq_round(W, None, None, quantizer=q).codes, rtn)
 
 
+def test_proxy_loss_is_the_kronecker_quadratic_form():
+    """tr(dW H_I dW^T H_O) = vec(dW)^T (H_O kron H_I) vec(dW) (row-major vec), brute force in fp64."""
+    dW = torch.randn(5, 7, dtype=torch.float64)
+    H_in, H_out = correlated_factor(7, 1).double(), correlated_factor(5, 2).double()
+    v = dW.reshape(-1)
+    assert proxy_loss(dW, H_in, H_out) == pytest.approx(float(v @ torch.kron(H_out, H_in) @ v), rel=1e-12)
+    assert proxy_loss(dW, H_in) == pytest.approx(float(v @ torch.kron(torch.eye(5, dtype=torch.float64), H_in) @ v),
+                                                 rel=1e-12)
+
+
 def test_two_sided_beats_one_sided_and_rtn_on_proxy_loss():
     """Statistics: 20 random problems (W Gaussian 64 x 96, H_I and H_O with spectra decaying over 1.5
     decades in random bases, 2-bit per-tensor grid, 8 x 8 tiles). Two-sided must have the lowest

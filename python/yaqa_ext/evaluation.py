@@ -11,7 +11,7 @@ from torch import nn
 
 from .data import prepare_tokens
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "evaluate", "reference_logits"]
 
 
 @dataclass
@@ -23,14 +23,57 @@ class EvalResult:
     tokens: int
 
 
+_CHUNK = 16
+"""Tokens whose statistics are computed at once (temporaries of a few MB stay in cache)."""
+
+
+def _token_stats(a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+    """Sums over tokens of ``KL(softmax a || softmax b)`` and of the negative log-likelihoods of both
+    (targets < 0: no prediction), from the logit differences ``d = b - a``:
+    ``LSE(b) - LSE(a) = log E_p[e^d] = mu + log1p(E_p[expm1(d - mu)])`` with ``mu = E_p[d]``, so
+    ``KL = E_p[log p - log q] = log1p(E_p[expm1(d - mu)]) - E_p[d - mu]``. Every term is of the size of the
+    logit differences, not of the logits, so the logits' own precision (fp32, or fp64 for fp64) gives KL to
+    ~1e-6 relative even near 0; the sums over the vocabulary are fp64. Rows whose differences overflow the
+    exponential fall back to log-sum-exps in fp64."""
+    dt = torch.promote_types(a.dtype, torch.float32)
+    a, b = a.to(dt), b.to(dt)
+    lse_a = torch.logsumexp(a, -1)
+    p = torch.exp(a - lse_a.unsqueeze(-1))
+    d = b - a
+    mu = (p * d).sum(-1, dtype=torch.float64)
+    dc = d - mu.to(dt).unsqueeze(-1)
+    log_ratio = torch.log1p((p * torch.expm1(dc)).sum(-1, dtype=torch.float64))  # log E_p[e^(d - mu)]
+    kl = log_ratio - (p * dc).sum(-1, dtype=torch.float64)
+    lse_b = lse_a.double() + mu + log_ratio
+    bad = ~torch.isfinite(kl)
+    if bool(bad.any()):
+        a64, b64 = a[bad].double(), b[bad].double()
+        la, lb = torch.logsumexp(a64, -1), torch.logsumexp(b64, -1)
+        kl[bad] = (torch.exp(a64 - la.unsqueeze(-1)) * (a64 - b64)).sum(-1) - la + lb
+        lse_b[bad] = lb
+    live = targets >= 0
+    t = targets[live].unsqueeze(-1)
+    nll_a = float((lse_a[live].double() - a[live].gather(-1, t).squeeze(-1).double()).sum())
+    nll_b = float((lse_b[live] - b[live].gather(-1, t).squeeze(-1).double()).sum())
+    return float(kl.sum()), nll_a, nll_b
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits of a batch, on the CPU in the model's own precision."""
     device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), use_cache=False).logits.to(device="cpu", dtype=torch.float64)
+    return model(input_ids=ids.to(device), use_cache=False).logits.cpu()
+
+
+@torch.no_grad()
+def reference_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """The logits of ``tokens`` (n_seqs, seq_len) under ``model``, batch by batch as :func:`evaluate` cuts
+    them: computed once, they stand in for the original model in every later evaluation on the same tokens."""
+    return [_logits(model, batch) for batch in tokens.split(batch_size)]
 
 
 @torch.no_grad()
 def evaluate(
-    orig_model: nn.Module,
+    orig_model: nn.Module | None,
     quant_model: nn.Module,
     data,
     *,
@@ -38,18 +81,28 @@ def evaluate(
     n_seqs: int = 32,
     seq_len: int = 256,
     batch_size: int = 8,
+    orig_logits: list[torch.Tensor] | None = None,
 ) -> EvalResult:
     """KL and perplexities over ``n_seqs`` sequences of ``seq_len`` tokens of ``data`` (deterministic: the
-    first tokens of the data, cut in order; see :func:`yaqa_ext.data.prepare_tokens`)."""
+    first tokens of the data, cut in order; see :func:`yaqa_ext.data.prepare_tokens`); see
+    :func:`_token_stats` for the arithmetic. ``orig_logits`` (from :func:`reference_logits` on the same tokens and ``batch_size``)
+    replaces running ``orig_model``, which may then be None."""
     tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
+    batches = tokens.split(batch_size)
+    if orig_logits is None:
+        if orig_model is None:
+            raise ValueError("evaluate needs orig_model, or orig_logits from reference_logits()")
+    elif len(orig_logits) != len(batches) or any(l.shape[:2] != b.shape for l, b in zip(orig_logits, batches)):
+        raise ValueError(f"orig_logits do not match the {tokens.size(0)} x {seq_len} tokens in batches of {batch_size}; "
+                         "compute them with reference_logits() on the same tokens and batch_size")
     kl_sum, nll_orig, nll_quant = 0.0, 0.0, 0.0
-    for batch in tokens.split(batch_size):
-        lp_orig = torch.log_softmax(_logits(orig_model, batch), dim=-1)
-        lp_quant = torch.log_softmax(_logits(quant_model, batch), dim=-1)
-        kl_sum += float((lp_orig.exp() * (lp_orig - lp_quant)).sum())
-        targets = batch[:, 1:].flatten()
-        nll_orig += float(F.nll_loss(lp_orig[:, :-1].flatten(0, 1), targets, reduction="sum"))
-        nll_quant += float(F.nll_loss(lp_quant[:, :-1].flatten(0, 1), targets, reduction="sum"))
+    for i, batch in enumerate(batches):
+        a = orig_logits[i] if orig_logits is not None else _logits(orig_model, batch)
+        b = _logits(quant_model, batch)
+        next_tokens = F.pad(batch[:, 1:], (0, 1), value=-1)  # the last position predicts nothing
+        for rows in zip(*(t.flatten(0, 1).split(_CHUNK) for t in (a, b)), next_tokens.flatten().split(_CHUNK)):
+            kl, nll_a, nll_b = _token_stats(*rows)
+            kl_sum, nll_orig, nll_quant = kl_sum + kl, nll_orig + nll_a, nll_quant + nll_b
     predicted = tokens.size(0) * (seq_len - 1)
     return EvalResult(
         kl=kl_sum / tokens.numel(),

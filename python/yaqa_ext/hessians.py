@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -131,12 +130,34 @@ def sample_targets(logits: Tensor, seed: int, round_index: int, seq_ids: list[in
     Sequence ``s`` of round ``r`` always draws from a generator seeded by ``(seed, r, s)``, so the
     targets do not depend on batching, sharding across ranks, or resuming.
     """
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    out = torch.empty(logits.shape[:2], dtype=torch.long, device=logits.device)
+    return _draw(_probabilities(logits), seed, round_index, seq_ids)
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    """``softmax(logits)`` (B, T, V), in fp32 (fp64 for fp64 logits), detached."""
+    return torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _draw(probs: Tensor, seed: int, round_index: int, seq_ids: list[int]) -> Tensor:
+    """One token per position by inversion: the first v with ``cumsum(p)_v > u``, u ~ U(0, 1) from the
+    sequence's own generator (one uniform per token, where multinomial draws one per vocabulary entry)."""
+    out = torch.empty(probs.shape[:2], dtype=torch.long, device=probs.device)
     for b, s in enumerate(seq_ids):
-        g = torch.Generator(device=logits.device).manual_seed(_mix(seed, round_index, s))
-        out[b] = torch.multinomial(probs[b], 1, generator=g).squeeze(-1)
+        g = torch.Generator(device=probs.device).manual_seed(_mix(seed, round_index, s))
+        cdf = probs[b].cumsum(-1)
+        u = torch.rand(probs.size(1), 1, generator=g, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+        out[b] = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
     return out
+
+
+def _backward_sampled_loss(logits: Tensor, seed: int, round_index: int, seq_ids: list[int], seq_len: int) -> None:
+    """Backpropagate ``sum_t CE(logits_t, target_t) / seq_len`` with targets drawn by :func:`sample_targets`,
+    through its closed-form logit gradient ``(softmax - onehot) / seq_len`` (one softmax serves the draw
+    and the gradient; no log-softmax pass and no second one for its backward)."""
+    grad = _probabilities(logits)
+    targets = _draw(grad, seed, round_index, seq_ids)
+    grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0))
+    logits.backward(grad.div_(seq_len).to(logits.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +182,12 @@ def _normalised(H: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Files
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite, in one pass: a NaN or an infinity makes the fp64 sum non-finite, and
+    fp32 / bf16 / fp16 entries cannot overflow it."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 def _layer_file(layer: int) -> str:
@@ -213,7 +240,7 @@ class _Collector:
                     "not used by the model's forward, or the gradient does not reach it"
                 )
         for key, H in self.acc.items():
-            if not bool(torch.isfinite(H).all()):
+            if not _all_finite(H):
                 raise FloatingPointError(f"the factor {key} has NaN or infinite entries (non-finite activations or gradients)")
         self.prev.update(self.acc)
 
@@ -313,8 +340,8 @@ def collect_hessians(
     own output distribution. ``data``: see :func:`yaqa_ext.data.prepare_tokens`.
 
     Progress is checkpointed atomically every ``checkpoint_interval`` seconds and at the end of
-    each pass; a run that is killed and started again (``resume=True``) ends with the same
-    factors as an uninterrupted one. Under ``torch.distributed`` each rank takes every
+    each pass but the last (whose factors are written out as the result); a run that is killed and
+    started again (``resume=True``) ends with the same factors as an uninterrupted one. Under ``torch.distributed`` each rank takes every
     world_size-th sequence and the factors are sum-reduced (gloo for CPU factors, nccl for GPU).
     The model is left as it was: hooks removed, no gradients, parameters untouched.
 
@@ -413,15 +440,13 @@ def collect_hessians(
                 else:
                     with torch.enable_grad():  # also when the caller runs under no_grad
                         logits = model(input_ids=ids, use_cache=False).logits
-                        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                        if not bool(torch.isfinite(logits).all()):
+                        if not _all_finite(logits):
                             raise FloatingPointError(
                                 f"non-finite logits on sequences {seq_ids[0]}..{seq_ids[-1]} of pass {round_index}: the "
                                 "model overflows (fp16?) or holds NaN/inf weights"
                             )
-                        targets_b = sample_targets(logits, seed, round_index, seq_ids)
-                        loss = F.cross_entropy(logits.flatten(0, 1), targets_b.flatten(), reduction="sum") / seq_len
-                        loss.backward()
+                        _backward_sampled_loss(logits, seed, round_index, seq_ids, seq_len)
+                        del logits
                 seen += ids.numel()
                 bar.update(1)
                 bar.set_postfix(tokens_per_s=f"{seen / max(time.monotonic() - started, 1e-9):.0f}", refresh=False)
@@ -434,7 +459,8 @@ def collect_hessians(
             collector.finish_round()
             round_index, next_batch = round_index + 1, 0
             collector.acc = {}
-            save_state(round_index, 0)  # after the last pass too: a restart goes straight to writing
+            if round_index < len(plan):  # the last pass's factors go straight into the layer files below
+                save_state(round_index, 0)
             last_save = time.monotonic()
     finally:
         bar.close()

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from .data import corpus_texts, prepare_tokens
-from .evaluation import evaluate
+from .evaluation import evaluate, reference_logits
 from .fileio import atomic_write_text
 from .hessians import collect_hessians
-from .hf import QuantConfig
+from .hf import QuantConfig, dequantize
 from .lowrank import INPUT_STAT_METHODS, LOWRANK_METHODS
 from .models import load_model
 from .quantize import quantize
@@ -24,7 +24,10 @@ __all__ = ["PIPELINE_METHODS", "format_results", "parse_method", "run_pipeline"]
 # name -> (QuantConfig.method, sketch of the factors it uses)
 PIPELINE_METHODS = {"rtn": ("rtn", None), "datafree": ("datafree", None), "ldlq": ("ldlq", "input"),
                     "yaqa-A": ("yaqa", "A"), "yaqa-B": ("yaqa", "B")}
-_POWER_ITERS = {"input": 1, "A": 2, "B": 1}  # Sketch A: sum x^T x, then one H_O and one H_I half-iteration
+_POWER_ITERS = {"input": 1, "A": 2, "B": 1}
+REFERENCE_LOGITS_BUDGET = 4 << 30
+"""Bytes of original-model logits the pipeline keeps in memory to evaluate every row against (else it
+runs the original model again for each row)."""  # Sketch A: sum x^T x, then one H_O and one H_I half-iteration
 
 
 def parse_method(name: str) -> tuple[str, str | None, int]:
@@ -122,6 +125,10 @@ def run_pipeline(
           f"{n_seqs} x {seq_len} tokens (State of the Union to 1950), evaluation {eval_seqs} x {eval_len} tokens "
           "(later addresses, Moby-Dick)")
 
+    # The original's logits on the evaluation tokens, computed once for every row when they fit the budget.
+    logits_bytes = evaluation.numel() * model.get_output_embeddings().weight.size(0) * model.dtype.itemsize
+    orig_logits = reference_logits(model, evaluation, batch_size) if logits_bytes <= REFERENCE_LOGITS_BUDGET else None
+
     def factors(sketch: str, seed: int, method: str) -> Path:
         path = out / "hessians" / f"{sketch}-seed{seed}"
         start = time.perf_counter()
@@ -150,7 +157,10 @@ def run_pipeline(
                 qconfig = QuantConfig(**{**(config or {}), **fields})
                 report = quantize(qmodel, qconfig, hessians=hessians, input_moments=moments, progress=False)
                 seconds = time.perf_counter() - start
-                result = evaluate(model, qmodel, evaluation, batch_size=batch_size, n_seqs=eval_seqs, seq_len=eval_len)
+                # Evaluated with each layer's effective weight: the function QuantizedLinear computes (up to fp32
+                # rounding), at the speed of a dense layer.
+                result = evaluate(model, dequantize(qmodel), evaluation, batch_size=batch_size, n_seqs=eval_seqs,
+                                  seq_len=eval_len, orig_logits=orig_logits)
                 row = {"method": method, "bits": b, "seed": seed, "kl": result.kl, "ppl_orig": result.ppl_orig,
                        "ppl_quant": result.ppl_quant, "bits_per_weight": report.bits_per_weight,
                        "quantize_seconds": seconds, "eval_tokens": result.tokens}

@@ -63,7 +63,10 @@ def round_to_nearest(W: Tensor, quantizer: Quantizer | QuantParams) -> Rounded:
 
 
 def proxy_loss(dW: Tensor, H_in: Tensor, H_out: Tensor | None = None) -> float:
-    """``tr(dW H_in dW^T H_out)`` in fp64 (``H_out = I`` when None)."""
-    dW, H_in = dW.double(), H_in.double()
-    left = dW @ H_in @ dW.T
-    return float(left.trace() if H_out is None else (left * H_out.double()).sum())
+    """``tr(dW H_in dW^T H_out)`` (``H_out = I`` when None) for symmetric factors, as
+    ``sum((dW H_in) * (H_out dW))``: no m x m product; products in the inputs' precision (fp64 if any is
+    fp64), the final sum in fp64."""
+    dtype = torch.promote_types(dW.dtype, H_in.dtype if H_out is None else torch.promote_types(H_in.dtype, H_out.dtype))
+    dW = dW.to(dtype)
+    right = dW @ H_in.to(dtype)
+    return float((right * (dW if H_out is None else H_out.to(dtype) @ dW)).sum(dtype=torch.float64))
