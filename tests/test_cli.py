@@ -30,10 +30,11 @@ def test_collect_command_writes_a_resumable_collection(shared, tmp_path, capsys)
     from yaqa_ext.hessians import load_hessians
 
     args = ["collect", "--out", str(tmp_path), "--n-seqs", "4", "--seq-len", "32", "--batch-size", "2",
-            "--layers", "3-4", "--device", "cpu", "--sketch", "A", "--power-iters", "2"]
+            "--layers", "3-4", "--layers-per-pass", "1", "--device", "cpu", "--sketch", "A", "--power-iters", "2"]
     assert main(args) == 0
     h = load_hessians(tmp_path)
     assert h.manifest["layers"] == [3, 4] and h.manifest["passes"] == ["input", "A_out", "A_in"]
+    assert h.manifest["layers_per_pass"] == 1
     assert h.manifest["tokens"] == 128 and len(h.modules) == 14
     assert main(args) == 0  # the same command again: already complete, reused
     assert f"Hessian factors written to {tmp_path}" in capsys.readouterr().out

@@ -227,6 +227,33 @@ def test_layer_subset_and_patterns(tmp_path, tokens):
         torch.testing.assert_close(h.load(name)[0], load_hessians(full).load(name)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_layers_per_pass_gives_the_same_factors_holding_one_group(tmp_path, tokens, monkeypatch):
+    """Collected one decoder layer at a time: the same factors as in one pass, and no pass ever holds an
+    accumulator of another layer's module."""
+    from yaqa_ext import hessians
+
+    held: list[set[int]] = []
+    start_round = hessians._Collector.start_round
+
+    def recording(self, kind, acc=None):
+        start_round(self, kind, acc)
+        held.append({int(k.split(".layers.")[1].split(".")[0]) for k in self.acc})
+
+    model = tiny_model("llama")
+    kw = dict(sketch="A", power_iters=2, n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=2, progress=False)
+    collect_hessians(model, tokens, tmp_path / "one", **kw)
+    monkeypatch.setattr(hessians._Collector, "start_round", recording)
+    collect_hessians(model, tokens, tmp_path / "per-layer", layers_per_pass=1, **kw)
+    assert held == [{0}] * 3 + [{1}] * 3  # Sketch A: input pass and two half-iterations, per layer
+    one, per_layer = load_hessians(tmp_path / "one"), load_hessians(tmp_path / "per-layer")
+    assert per_layer.modules == one.modules and per_layer.manifest["layers_per_pass"] == 1
+    for name in one.modules:
+        for x, y in zip(one.load(name), per_layer.load(name)):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7 * float(x.abs().max()))
+    with pytest.raises(ValueError, match="layers_per_pass must be >= 1"):
+        collect_hessians(model, tokens, tmp_path / "bad", layers_per_pass=0, **kw)
+
+
 def test_real_model_stories260k_with_text(tmp_path, shared):
     from yaqa_ext.models import load_model
 
@@ -246,20 +273,31 @@ _DIST_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import tiny_model
     from yaqa_ext.hessians import collect_hessians
-    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, init, out, fsdp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "fsdp"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     tokens = torch.randint(0, 64, (6, 7), generator=torch.Generator().manual_seed(0))
-    collect_hessians(tiny_model("llama"), tokens, out, sketch="B", power_iters=2, n_seqs=6, seq_len=7, batch_size=2,
-                     progress=False)
+    model = tiny_model("llama")
+    if fsdp:  # FSDP2: every decoder block and the root sharded across the ranks (each holds half of each weight)
+        from torch.distributed.fsdp import fully_shard
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
+    collect_hessians(model, tokens, out, sketch="B", power_iters=2, n_seqs=6, seq_len=7, batch_size=2,
+                     layers_per_pass=1 if fsdp else None, progress=False)
     dist.destroy_process_group()
 """)
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+def test_two_gloo_processes_equal_one(tmp_path, mode):
+    """Two ranks on CPU (gloo), each with a full copy of the model or with FSDP2-sharded weights (then also one
+    layer per pass), give the factors of one process."""
     script = tmp_path / "dist.py"
     script.write_text(_DIST_SCRIPT.format(tests=str(Path(__file__).parent)))
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / "two")]) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp_path / "two"), mode])
+             for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     tokens = torch.randint(0, 64, (6, 7), generator=torch.Generator().manual_seed(0))
     collect_hessians(tiny_model("llama"), tokens, tmp_path / "one", sketch="B", power_iters=2, n_seqs=6, seq_len=7,
@@ -283,16 +321,20 @@ _SLOW_SCRIPT = textwrap.dedent("""
         return forward(*a, **k)
     model.forward = slow_forward
     tokens = torch.randint(0, 64, (24, 7), generator=torch.Generator().manual_seed(0))
+    per_pass = None if sys.argv[2] == "None" else int(sys.argv[2])
     collect_hessians(model, tokens, sys.argv[1], sketch="B", power_iters=2, n_seqs=24, seq_len=7, batch_size=2,
-                     checkpoint_interval=0.0, progress=False)
+                     layers_per_pass=per_pass, checkpoint_interval=0.0, progress=False)
 """)
 
 
-def test_killed_run_resumes_to_the_same_factors(tmp_path):
+@pytest.mark.parametrize("layers_per_pass", [None, 1])
+def test_killed_run_resumes_to_the_same_factors(tmp_path, layers_per_pass):
+    """Killed mid-way through the second pass (of the second group of layers when collected one layer at a time)."""
     out = tmp_path / "killed"
     script = tmp_path / "slow.py"
     script.write_text(_SLOW_SCRIPT.format(tests=str(Path(__file__).parent)))
-    proc = subprocess.Popen([sys.executable, str(script), str(out)])
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(layers_per_pass)])
+    kill_group = "0" if layers_per_pass is None else "1"
     state = out / "collect-state-rank0.safetensors"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -304,7 +346,7 @@ def test_killed_run_resumes_to_the_same_factors(tmp_path):
                     meta = f.metadata()
             except Exception:
                 meta = {}
-            if meta.get("round") == "1" and int(meta.get("next_batch", 0)) >= 3:  # mid-way through pass two
+            if meta.get("group") == kill_group and meta.get("round") == "1" and int(meta.get("next_batch", 0)) >= 3:
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -316,7 +358,7 @@ def test_killed_run_resumes_to_the_same_factors(tmp_path):
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     kw = dict(sketch="B", power_iters=2, n_seqs=24, seq_len=7, batch_size=2, progress=False)
-    collect_hessians(model, tokens, out, **kw)
+    collect_hessians(model, tokens, out, layers_per_pass=layers_per_pass, **kw)
     assert len(calls) < 2 * 12, "the restarted run did not resume: it redid every batch"
     assert not state.exists()
     collect_hessians(tiny_model("llama"), tokens, tmp_path / "uninterrupted", **kw)

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
     col.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     col.add_argument("--layers", type=_layers, default=None, help="decoder layers, e.g. 0-15 or 3,7 (default: all)")
+    col.add_argument("--layers-per-pass", type=int, default=None,
+                     help="collect this many layers at a time, each group's factors written and freed before the "
+                          "next (less memory, one forward and backward per group; default: all in one pass)")
     col.add_argument("--include", default=None, help="regex: only modules whose name matches")
     col.add_argument("--exclude", default=None, help="regex: skip modules whose name matches")
     col.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
@@ -140,7 +143,7 @@ def _collect(args: argparse.Namespace) -> None:
     out = collect_hessians(
         model, data, args.out, tokenizer=tokenizer, sketch=args.sketch, power_iters=args.power_iters,
         n_seqs=args.n_seqs, seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers,
-        include=args.include, exclude=args.exclude, accum_dtype=DTYPES[args.accum_dtype],
+        layers_per_pass=args.layers_per_pass, include=args.include, exclude=args.exclude, accum_dtype=DTYPES[args.accum_dtype],
         factor_device=args.factor_device, seed=args.seed, resume=not args.no_resume,
         checkpoint_interval=args.checkpoint_interval, gradient_checkpointing=args.gradient_checkpointing,
         allow_tf32=args.tf32,

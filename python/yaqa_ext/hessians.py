@@ -296,15 +296,123 @@ def _checkpointed(forward: Callable) -> Callable:
 
 
 def _fingerprint(model: nn.Module, tokens: Tensor, settings: dict) -> str:
+    """A hash of the settings, the tokens and a sample of every parameter. Parameters sharded across ranks
+    (FSDP2's DTensors) are sampled from each rank's own shard and the ranks' digests hashed together, so
+    every rank gets the same fingerprint without gathering a weight."""
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(tokens.cpu().numpy().tobytes())
+    local = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        flat = p.detach().reshape(-1)
-        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+        flat = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)
+        local.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    digests = [local.hexdigest()]
+    if _dist_info()[1] > 1:
+        digests = [None] * _dist_info()[1]
+        torch.distributed.all_gather_object(digests, local.hexdigest())
+    for d in digests:
+        h.update(d.encode())
     return h.hexdigest()
+
+
+@dataclass
+class _Job:
+    """What every pass of a collection shares."""
+
+    model: nn.Module
+    tokens: Tensor
+    batches: list[list[int]]
+    plan: list[str]
+    seed: int
+    seq_len: int
+    world: int
+    checkpoint_interval: float
+    gradient_checkpointing: bool
+    bar: tqdm
+
+
+def _run_passes(job: _Job, collector: _Collector, targets: list[TargetModule], start: tuple[int, int],
+                acc: dict[str, Tensor] | None, save_state: Callable[[int, int], None]) -> None:
+    """Every pass of the plan over the data for one group of targets, from (pass, batch) ``start``; the
+    finished factors are left in ``collector.prev``."""
+    model = job.model
+    model_device = next(model.parameters()).device
+    _, blocks = decoder_layers(model)
+    lowest = min(t.layer for t in targets)
+    start_module = model.get_input_embeddings() if lowest == 0 else blocks[lowest - 1]
+    handles = [t.module.register_forward_hook(collector.forward_hook(t.name)) for t in targets]
+    handles.append(start_module.register_forward_hook(_require_grad_hook))  # layers below run without a graph
+    patched: list[nn.Module] = []
+    if job.gradient_checkpointing:
+        for block in list(blocks)[lowest:]:
+            block.forward = _checkpointed(block.forward)
+            patched.append(block)
+    round_index, next_batch = start
+    try:
+        last_save = time.monotonic()
+        while round_index < len(job.plan):
+            kind = job.plan[round_index]
+            collector.start_round(kind, acc)
+            acc = None
+            started, seen = time.monotonic(), 0
+            for b in range(next_batch, len(job.batches)):
+                seq_ids = job.batches[b]
+                ids = job.tokens[seq_ids].to(model_device)
+                collector.batch_shape = tuple(ids.shape)
+                if kind == "input":
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False)
+                else:
+                    with torch.enable_grad():  # also when the caller runs under no_grad
+                        logits = model(input_ids=ids, use_cache=False).logits
+                        if not _all_finite(logits):
+                            raise FloatingPointError(
+                                f"non-finite logits on sequences {seq_ids[0]}..{seq_ids[-1]} of pass {round_index}: the "
+                                "model overflows (fp16?) or holds NaN/inf weights"
+                            )
+                        _backward_sampled_loss(logits, job.seed, round_index, seq_ids, job.seq_len)
+                        del logits
+                seen += ids.numel()
+                job.bar.update(1)
+                job.bar.set_postfix(tokens_per_s=f"{seen / max(time.monotonic() - started, 1e-9):.0f}", refresh=False)
+                if time.monotonic() - last_save >= job.checkpoint_interval and b + 1 < len(job.batches):
+                    save_state(round_index, b + 1)
+                    last_save = time.monotonic()
+            if job.world > 1:
+                for H in collector.acc.values():
+                    torch.distributed.all_reduce(H)
+            collector.finish_round()
+            round_index, next_batch = round_index + 1, 0
+            collector.acc = {}
+            if round_index < len(job.plan):  # the last pass's factors go straight into the layer files
+                save_state(round_index, 0)
+            last_save = time.monotonic()
+    finally:
+        for h in handles:
+            h.remove()
+        for block in patched:
+            del block.forward
+
+
+def _layer_groups(targets: list[TargetModule], layers_per_pass: int | None) -> list[list[TargetModule]]:
+    """The targets cut into groups of ``layers_per_pass`` consecutive selected decoder layers (one group: all)."""
+    layers = sorted({t.layer for t in targets})
+    size = layers_per_pass or len(layers)
+    chunks = [set(layers[i : i + size]) for i in range(0, len(layers), size)]
+    return [[t for t in targets if t.layer in chunk] for chunk in chunks]
+
+
+def _write_layers(out: Path, targets: list[TargetModule], factors: dict[str, Tensor]) -> None:
+    by_layer: dict[int, dict[str, Tensor]] = {}
+    for t in targets:
+        for side in ("H_in", "H_out", "x_abs"):
+            key = f"{t.name}.{side}"
+            if key in factors:
+                by_layer.setdefault(t.layer, {})[key] = factors[key]
+    for layer, tensors in by_layer.items():
+        atomic_save(tensors, out / _layer_file(layer))
 
 
 def collect_hessians(
@@ -319,6 +427,7 @@ def collect_hessians(
     seq_len: int = 512,
     batch_size: int = 8,
     layers: list[int] | None = None,
+    layers_per_pass: int | None = None,
     include: str | None = None,
     exclude: str | None = None,
     accum_dtype: torch.dtype = torch.float32,
@@ -339,11 +448,18 @@ def collect_hessians(
     (the GPTQ / LDLQ Hessian). Gradients come from the loss of targets sampled from the model's
     own output distribution. ``data``: see :func:`yaqa_ext.data.prepare_tokens`.
 
-    Progress is checkpointed atomically every ``checkpoint_interval`` seconds and at the end of
-    each pass but the last (whose factors are written out as the result); a run that is killed and
-    started again (``resume=True``) ends with the same factors as an uninterrupted one. Under ``torch.distributed`` each rank takes every
-    world_size-th sequence and the factors are sum-reduced (gloo for CPU factors, nccl for GPU).
-    The model is left as it was: hooks removed, no gradients, parameters untouched.
+    Memory: ``layers`` selects decoder blocks; ``layers_per_pass=k`` collects them k at a time, each
+    group with its own passes over the data, its factors written to disk and freed before the next
+    group starts: factor memory is that of k layers, at the price of one forward and backward per
+    group. ``factor_device`` accumulates the factors elsewhere than the model (e.g. ``"cpu"``).
+
+    Progress is checkpointed atomically every ``checkpoint_interval`` seconds, at the end of each
+    pass but a group's last (whose factors are written out as the result) and after each group; a
+    run that is killed and started again (``resume=True``) ends with the same factors as an
+    uninterrupted one. Under ``torch.distributed`` each rank takes every world_size-th sequence and
+    the factors are sum-reduced (gloo for CPU factors, nccl for GPU); the model may be sharded with
+    FSDP2 (``fully_shard``). The model is left as it was: hooks removed, no gradients, parameters
+    untouched.
 
     Output: ``layer_XXX.safetensors`` with ``<module>.H_in`` (and ``<module>.H_out``) per decoder
     layer, and ``manifest.json``; read them with :func:`load_hessians`.
@@ -354,19 +470,20 @@ def collect_hessians(
         raise ValueError(f"power_iters must be >= 1, got {power_iters}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if layers_per_pass is not None and layers_per_pass < 1:
+        raise ValueError(f"layers_per_pass must be >= 1 (or None: every layer in one pass), got {layers_per_pass}")
     if accum_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
     out = Path(out_dir)
     rank, world = _dist_info()
-    model_device = next(model.parameters()).device
-    device = torch.device(factor_device) if factor_device is not None else model_device
+    device = torch.device(factor_device) if factor_device is not None else next(model.parameters()).device
     targets = find_targets(model, layers, include, exclude)
     tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
     plan = _round_plan(sketch, power_iters)
     settings = {
         "sketch": sketch, "power_iters": power_iters, "n_seqs": n_seqs, "seq_len": seq_len, "batch_size": batch_size,
         "layers": sorted({t.layer for t in targets}), "modules": [t.name for t in targets], "seed": seed,
-        "accum_dtype": str(accum_dtype).removeprefix("torch."), "world_size": world,
+        "accum_dtype": str(accum_dtype).removeprefix("torch."), "world_size": world, "layers_per_pass": layers_per_pass,
     }
     fingerprint = _fingerprint(model, tokens, settings)
     manifest_path = out / MANIFEST
@@ -381,9 +498,9 @@ def collect_hessians(
             )
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / f"collect-state-rank{rank}.safetensors"
+    groups = _layer_groups(targets, layers_per_pass)
 
-    collector = _Collector(targets, device, accum_dtype, allow_tf32)
-    round_index, next_batch, acc = 0, 0, None
+    group_index, round_index, next_batch, saved = 0, 0, 0, {}
     if resume and state_path.exists():
         with safe_open(str(state_path), "pt") as f:
             meta = f.metadata()
@@ -393,95 +510,47 @@ def collect_hessians(
                 "to start over, or choose another out_dir"
             )
         saved = load_file(str(state_path), device=str(device))
-        collector.prev = {k.removeprefix("prev."): v for k, v in saved.items() if k.startswith("prev.")}
-        acc = {k.removeprefix("acc."): v for k, v in saved.items() if k.startswith("acc.")} or None
-        round_index, next_batch = int(meta["round"]), int(meta["next_batch"])
-
-    def save_state(r: int, b: int) -> None:
-        tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
-        atomic_save(tensors, state_path, {"fingerprint": fingerprint, "round": str(r), "next_batch": str(b)})
+        group_index, round_index, next_batch = (int(meta[k]) for k in ("group", "round", "next_batch"))
 
     my_seqs = list(range(rank, n_seqs, world))
     batches = [my_seqs[i : i + batch_size] for i in range(0, len(my_seqs), batch_size)]
-    _, blocks = decoder_layers(model)
-    lowest = min(t.layer for t in targets)
-    start_module = model.get_input_embeddings() if lowest == 0 else blocks[lowest - 1]
-
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    handles = []
-    patched: list[nn.Module] = []
-    bar = tqdm(total=len(plan) * len(batches), initial=round_index * len(batches) + next_batch,
+    per_group = len(plan) * len(batches)
+    bar = tqdm(total=len(groups) * per_group, initial=group_index * per_group + round_index * len(batches) + next_batch,
                desc=f"collect sketch {sketch}", unit="batch",
                disable=True if not progress or rank != 0 else None)  # None: off when not a terminal
+    job = _Job(model, tokens, batches, plan, seed, seq_len, world, checkpoint_interval, gradient_checkpointing, bar)
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
     try:
         model.eval()
         for p, _ in saved_flags:
             p.requires_grad_(False)
-        handles = [t.module.register_forward_hook(collector.forward_hook(t.name)) for t in targets]
-        handles.append(start_module.register_forward_hook(_require_grad_hook))
-        if gradient_checkpointing:
-            for block in list(blocks)[lowest:]:
-                block.forward = _checkpointed(block.forward)
-                patched.append(block)
-        last_save = time.monotonic()
-        while round_index < len(plan):
-            kind = plan[round_index]
-            collector.start_round(kind, acc)
-            acc = None
-            started, seen = time.monotonic(), 0
-            for b in range(next_batch, len(batches)):
-                seq_ids = batches[b]
-                ids = tokens[seq_ids].to(model_device)
-                collector.batch_shape = tuple(ids.shape)
-                if kind == "input":
-                    with torch.no_grad():
-                        model(input_ids=ids, use_cache=False)
-                else:
-                    with torch.enable_grad():  # also when the caller runs under no_grad
-                        logits = model(input_ids=ids, use_cache=False).logits
-                        if not _all_finite(logits):
-                            raise FloatingPointError(
-                                f"non-finite logits on sequences {seq_ids[0]}..{seq_ids[-1]} of pass {round_index}: the "
-                                "model overflows (fp16?) or holds NaN/inf weights"
-                            )
-                        _backward_sampled_loss(logits, seed, round_index, seq_ids, seq_len)
-                        del logits
-                seen += ids.numel()
-                bar.update(1)
-                bar.set_postfix(tokens_per_s=f"{seen / max(time.monotonic() - started, 1e-9):.0f}", refresh=False)
-                if time.monotonic() - last_save >= checkpoint_interval and b + 1 < len(batches):
-                    save_state(round_index, b + 1)
-                    last_save = time.monotonic()
-            if world > 1:
-                for H in collector.acc.values():
-                    torch.distributed.all_reduce(H)
-            collector.finish_round()
-            round_index, next_batch = round_index + 1, 0
-            collector.acc = {}
-            if round_index < len(plan):  # the last pass's factors go straight into the layer files below
-                save_state(round_index, 0)
-            last_save = time.monotonic()
+        for g in range(group_index, len(groups)):
+            collector = _Collector(groups[g], device, accum_dtype, allow_tf32)
+            collector.prev = {k.removeprefix("prev."): v for k, v in saved.items() if k.startswith("prev.")}
+            acc = {k.removeprefix("acc."): v for k, v in saved.items() if k.startswith("acc.")} or None
+
+            def save_state(r: int, b: int, g: int = g, collector: _Collector = collector) -> None:
+                tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
+                atomic_save(tensors, state_path,
+                            {"fingerprint": fingerprint, "group": str(g), "round": str(r), "next_batch": str(b)})
+
+            _run_passes(job, collector, groups[g], (round_index, next_batch), acc, save_state)
+            if rank == 0:
+                _write_layers(out, groups[g], collector.prev)
+            round_index, next_batch, saved = 0, 0, {}
+            if g + 1 < len(groups):  # this group's factors are on disk: the next one starts from nothing
+                collector.acc, collector.prev = {}, {}
+                save_state(0, 0, g + 1)
+            del collector
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
-        for block in patched:
-            del block.forward
         for p, flag in saved_flags:
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
 
     if rank == 0:
-        by_layer: dict[int, dict[str, Tensor]] = {}
-        for t in targets:
-            for side in ("H_in", "H_out", "x_abs"):
-                key = f"{t.name}.{side}"
-                if key in collector.prev:
-                    by_layer.setdefault(t.layer, {})[key] = collector.prev[key]
-        for layer, tensors in by_layer.items():
-            atomic_save(tensors, out / _layer_file(layer))
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
