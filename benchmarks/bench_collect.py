@@ -1,6 +1,6 @@
 """Hessian collection throughput, cost relative to a plain forward+backward, and efficiency.
 
-    .venv/bin/python benchmarks/bench_collect.py [--model stories260K] [--n-seqs 32] [--seq-len 256]
+    .venv/bin/python benchmarks/bench_collect.py [--model smollm2-135m] [--n-seqs 8] [--seq-len 512]
 
 For each sketch (input, A with 1 half-iteration, B) it prints tokens/s (all passes counted), the
 cost as a ratio to one plain training-style forward+backward (parameter gradients included) of
@@ -53,9 +53,9 @@ def matmul_gflops(device: str, dtype: torch.dtype, size: int, repeats: int) -> f
 
 def main() -> None:
     parser = benchmark_parser(__doc__, repeats=3)
-    parser.add_argument("--model", default="stories260K")
-    parser.add_argument("--n-seqs", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n-seqs", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tf32", action="store_true")
     args = parser.parse_args()
