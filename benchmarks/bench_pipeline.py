@@ -4,9 +4,9 @@
 
 Collection of Sketch B on n-seqs x seq-len tokens is timed whole and split into: the model's own forward
 and backward (the same batches, embeddings output requiring grad and the sampled loss's gradient, without
-the collection's hooks, timed separately in the same run: the floor any collection pays), the sketch
-updates, the sampling of targets and the writing of the factor files (timed inside the collection by
-wrapping those functions), and the rest. Then one quantization (--method, --bits) and one evaluation on
+the collection's hooks, timed separately in the same run after one warm-up batch, its own target sampling
+taken out: the floor any collection pays), the sketch updates, the sampling of targets and the writing of
+the factor files (timed inside the collection by wrapping those functions), and the rest. Then one quantization (--method, --bits) and one evaluation on
 --eval-seqs x --eval-len tokens (the original's logits once, then the quantized model's). The last column scales
 the per-batch parts of the collection linearly to --target-seqs sequences.
 """
@@ -47,17 +47,27 @@ def timed(label: str, fn):
 
 
 def model_forward_backward(model, tokens: torch.Tensor, batch_size: int, seq_len: int) -> float:
-    """Seconds of the collection's forward and backward without its hooks: the floor of any collection."""
+    """Seconds of the collection's forward and backward without its hooks or its target sampling (after one
+    untimed warm-up batch): the floor of any collection. Call it with the sampling functions wrapped by
+    :func:`timed`."""
     for p in model.parameters():
         p.requires_grad_(False)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    start = time.perf_counter()
-    for b, batch in enumerate(tokens.split(batch_size)):
+
+    def step(b: int, batch: torch.Tensor) -> None:
         logits = model(input_ids=batch, use_cache=False).logits
         hessians._backward_sampled_loss(logits, 0, 0, list(range(b * batch_size, b * batch_size + batch.size(0))),
                                         seq_len)
+
+    step(0, tokens[:batch_size])
+    SECONDS.clear()
+    start = time.perf_counter()
+    for b, batch in enumerate(tokens.split(batch_size)):
+        step(b, batch)
     handle.remove()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start - SECONDS.pop("sampling targets", 0.0)
+    SECONDS.clear()
+    return seconds
 
 
 def main() -> None:
@@ -76,12 +86,12 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m", device=device)
     load = time.perf_counter() - start
     calib = prepare_tokens(corpus_texts("calibration"), tokenizer, args.n_seqs, args.seq_len).to(device)
+    hessians._probabilities = timed("sampling targets", hessians._probabilities)
+    hessians._draw = timed("sampling targets", hessians._draw)
     floor = model_forward_backward(model, calib, args.batch_size, args.seq_len)
 
     hessians.ops.sketch_b_update = timed("sketch updates", hessians.ops.sketch_b_update)
     hessians.ops.input_moment_update = timed("sketch updates", hessians.ops.input_moment_update)
-    hessians._probabilities = timed("sampling targets", hessians._probabilities)
-    hessians._draw = timed("sampling targets", hessians._draw)
     hessians._write_layers = timed("writing factor files", hessians._write_layers)
     with tempfile.TemporaryDirectory() as tmp:
         sketch = "input" if args.method == "ldlq" else "B"
