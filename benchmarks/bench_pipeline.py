@@ -6,9 +6,10 @@ Collection of Sketch B on n-seqs x seq-len tokens is timed whole and split into:
 and backward (the same batches, embeddings output requiring grad and the sampled loss's gradient, without
 the collection's hooks, timed separately in the same run after one warm-up batch, its own target sampling
 taken out: the floor any collection pays), the sketch updates, the sampling of targets and the writing of
-the factor files (timed inside the collection by wrapping those functions), and the rest. Then one quantization (--method, --bits) and one evaluation on
---eval-seqs x --eval-len tokens (the original's logits once, then the quantized model's). The last column scales
-the per-batch parts of the collection linearly to --target-seqs sequences.
+the factor files (timed inside the collection by wrapping those functions), and the rest. Then one
+quantization (--method, --bits) and one evaluation on --eval-seqs x --eval-len tokens (the original's
+logits once, then the quantized model's). The last column scales the per-batch parts of the collection
+linearly to --target-seqs sequences.
 """
 
 from __future__ import annotations
