@@ -23,12 +23,22 @@ inline int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::
     TORCH_CHECK_TYPE(had->scalar_type() == at::kFloat, "hadamard_transform: had must be float32, got ", had->scalar_type());
     check_same_device(x, *had, "hadamard_transform", "x", "had");
     c = had->size(0);
+    TORCH_CHECK_VALUE(c >= 1, "hadamard_transform: had is empty (0 x 0); pass None for no small factor");
   }
   const int64_t n = x.size(-1);
   const int64_t p = n / c;
   TORCH_CHECK_VALUE(n % c == 0 && (p & (p - 1)) == 0, "hadamard_transform: the last dimension of x (", n,
                     ") must be 2^k times the order of had (", c, ")");
   return c;
+}
+
+// float16 holds |y| <= 65504: a transform of a finite float16 x that does not fit (the rows' opmath
+// results were fine) is an error, not silent infinities. One reduction, and only for float16.
+inline void check_half_range(const at::Tensor& x, const at::Tensor& out) {
+  if (out.scalar_type() != at::kHalf) return;
+  TORCH_CHECK_VALUE(!(out.isinf().any().item<bool>() && x.isfinite().all().item<bool>()),
+                    "hadamard_transform: the transform of this float16 x exceeds float16's range (|y| > 65504); pass x "
+                    "as float32 or bfloat16");
 }
 
 }  // namespace yaqa

@@ -79,6 +79,12 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
   TORCH_CHECK_VALUE(at::isfinite(W).all().item<bool>(), op, ": W has NaN or infinite entries");
   TORCH_CHECK_VALUE((scales > 0).logical_and_(at::isfinite(scales)).all().item<bool>(), op,
                     ": scales must be finite and > 0");
+  TORCH_CHECK_VALUE(at::isfinite(zeros).all().item<bool>(), op, ": zeros has NaN or infinite entries");
+  // Only the strictly block-lower parts are read, but a non-finite entry anywhere means a broken factor.
+  for (const auto& [L, name] : {std::pair{&L_in, "L_in"}, std::pair{&L_out, "L_out"}}) {
+    TORCH_CHECK_VALUE(!L->has_value() || at::isfinite(**L).all().item<bool>(), op, ": ", name,
+                      " has NaN or infinite entries; factor a finite, damped Hessian (yaqa_ext.block_ldl)");
+  }
   return {m, n, groups};
 }
 

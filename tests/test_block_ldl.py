@@ -152,9 +152,17 @@ def test_damping_chooses_first_positive_definite_step(device):
 
 
 def test_damping_exhausted_raises(device):
-    H = -torch.eye(32, dtype=torch.float64, device=device)
+    H = torch.diag(torch.tensor([10.0] * 31 + [-5.0], dtype=torch.float64, device=device))  # mean diagonal 9.53
     with pytest.raises(torch.linalg.LinAlgError, match=r"32 x 32 matrix is not positive definite.*0, 0\.01, 0\.02"):
         yaqa_ext.block_ldl(H, 16, damp=0.0, damp_step=0.01, max_damp_tries=2)
+
+
+@pytest.mark.parametrize("diagonal", [0.0, -1.0])
+def test_damping_stops_at_once_without_a_positive_mean_diagonal(device, diagonal):
+    """A zero H (a dead layer) used to retry max_damp_tries times adding 0 * I each time."""
+    H = diagonal * torch.eye(32, dtype=torch.float64, device=device)
+    with pytest.raises(torch.linalg.LinAlgError, match="mean diagonal is .*relative damping cannot"):
+        yaqa_ext.block_ldl(H, 16, damp=0.0, damp_step=0.01, max_damp_tries=10**9)
 
 
 def test_initial_damping_applied(device):

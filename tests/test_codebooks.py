@@ -107,3 +107,12 @@ def test_bad_configurations():
         IntQuantizer(4, granularity="group", group_size=128).params(torch.randn(4, 96))
     with pytest.raises(ValueError, match="W must be 2-D"):
         IntQuantizer(4).params(torch.randn(4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_refused(bad):
+    """A NaN weight used to become code 0 and an infinite one a scale of 6e6: both silently finite."""
+    W = torch.randn(4, 32)
+    W[2, 5] = bad
+    with pytest.raises(ValueError, match="W has NaN or infinite entries"):
+        IntQuantizer(4).params(W)

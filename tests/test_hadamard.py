@@ -90,6 +90,33 @@ def test_half_precision_keeps_dtype(device, dtype):
     torch.testing.assert_close(y.double().cpu(), ref, rtol=rtol, atol=rtol)
 
 
+def test_float16_overflow_is_an_error(device):
+    """A constant row of 60000 transforms to 60000 * sqrt(64) = 480000, past float16's 65504: that used to
+    come back as silent infinities. Its float32 transform is the closed form; a row that fits still works."""
+    x = torch.full((2, 64), 60000.0, device=device)
+    with pytest.raises(ValueError, match=r"exceeds float16's range .*float32 or bfloat16"):
+        ops.hadamard_transform(x.half(), None)
+    y = ops.hadamard_transform(x, None)
+    torch.testing.assert_close(y[:, 0].cpu(), torch.full((2,), 480000.0))  # first entry: sum / sqrt(n)
+    small = ops.hadamard_transform(torch.full((2, 64), 8000.0, device=device).half(), None)  # 64000 < 65504
+    assert bool(torch.isfinite(small).all()) and float(small[0, 0]) == 64000.0
+
+
+def test_rht_refuses_wrong_shapes():
+    """Wrong shapes used to broadcast against the sign vectors into a wrong result of another shape."""
+    rht = RHT(32, 16, seed=0)
+    for call, t, what in ((rht.transform_weight, torch.ones(32, 1), "W"), (rht.transform_weight, torch.ones(16, 32), "W"),
+                          (rht.inverse_weight, torch.ones(1, 16), "Wt"),
+                          (rht.transform_input_factor, torch.ones(16, 1), "H_in"),
+                          (rht.transform_output_factor, torch.ones(16, 16), "H_out"),
+                          (rht.input_transform, torch.ones(4, 32), "x"), (rht.output_inverse, torch.ones(4, 16), "y")):
+        with pytest.raises(ValueError, match=rf"RHT of a 32 x 16 layer: {what} must have shape"):
+            call(t)
+    x = torch.randn(3, 5, 16)  # batches of the right width still work, against the dense transform
+    dense = hadamard_matrix(16).double() * rht.sign_in.double()  # Had_n S_U
+    torch.testing.assert_close(rht.input_transform(x).double(), x.double() @ dense.T, rtol=0, atol=1e-5)
+
+
 def test_non_contiguous_and_batched(device):
     x = torch.randn(6, 128, 3, device=device).transpose(1, 2)  # (6, 3, 128), non-contiguous
     assert not x.is_contiguous()
@@ -113,6 +140,29 @@ def test_op_bad_inputs(device):
         ops.hadamard_transform(torch.ones(4, 24, device=device), small_hadamard(12).to(device))
     with pytest.raises(ValueError, match="had must be a square"):
         ops.hadamard_transform(torch.ones(4, 24, device=device), torch.ones(12, 6, device=device))
+    with pytest.raises(ValueError, match=r"had is empty \(0 x 0\); pass None"):  # was SIGFPE (n % 0)
+        ops.hadamard_transform(torch.ones(4, 8, device=device), torch.ones(0, 0, device=device))
+
+
+@pytest.mark.parametrize("n", [16, 24, 40])
+def test_gradient_is_the_adjoint_transform(device, n):
+    """x.grad = M^T g for the dense transform M built here; had made non-symmetric (a column permutation
+    of a Hadamard matrix is still one) so that the adjoint's had^T is exercised."""
+    _, c = hadamard_factor(n)
+    had = small_hadamard(c)[:, torch.randperm(c)] if c > 1 else None
+    M = torch.kron(sylvester(n // c), torch.ones(1, 1, dtype=torch.float64) if had is None else had) / math.sqrt(n)
+    x = torch.randn(5, n, dtype=torch.float64, device=device, requires_grad=True)
+    g = torch.randn(5, n, dtype=torch.float64, device=device)
+    y = ops.hadamard_transform(x, None if had is None else had.float().to(device))
+    torch.testing.assert_close(y.detach().cpu(), x.detach().cpu() @ M.T, rtol=0, atol=1e-12)  # fp64 maths
+    y.backward(g)
+    torch.testing.assert_close(x.grad.cpu(), g.cpu() @ M, rtol=0, atol=1e-12)  # fp64: exact up to rounding
+
+
+def test_gradcheck():
+    x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
+    had = small_hadamard(12)[:, torch.randperm(12)].float()
+    assert torch.autograd.gradcheck(lambda t: ops.hadamard_transform(t, had), (x,))
 
 
 @pytest.mark.parametrize("n", [64, 172, 40])
@@ -120,6 +170,8 @@ def test_opcheck(device, n):
     _, c = hadamard_factor(n)
     had = small_hadamard(c).float().to(device) if c > 1 else None
     torch.library.opcheck(torch.ops.yaqa.hadamard_transform.default, (torch.randn(3, n, device=device), had))
+    x = torch.randn(3, n, device=device, requires_grad=True)  # the registered backward too
+    torch.library.opcheck(torch.ops.yaqa.hadamard_transform.default, (x, had))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and yaqa_ext.WITH_CUDA), reason="needs a CUDA GPU and a CUDA build")

@@ -418,3 +418,89 @@ def test_corrupt_files_give_clear_errors(tmp_path, tokens):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_hessians(tmp_path)
+
+
+def _interrupted_collection(out, tokens, calls_before_error: int = 8):
+    """A Sketch B collection stopped by an error after a few batches, its checkpoint left in ``out``."""
+    model = tiny_model("llama")
+    calls = []
+
+    def fail(*_):
+        calls.append(1)
+        if len(calls) == calls_before_error:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        collect_hessians(model, tokens, out, sketch="B", power_iters=2, n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=1,
+                         checkpoint_interval=0.0, progress=False)
+    handle.remove()
+    return model
+
+
+@pytest.mark.parametrize("tamper", ["garbage", "huge_value", "next_batch", "round", "dropped", "truncated",
+                                    "out_of_range"])
+def test_damaged_checkpoint_is_refused(tmp_path, tokens, tamper):
+    """Damaged or edited checkpoints used to resume with exit 0 and factors off by up to 99%."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from yaqa_ext.hessians import _checksum
+
+    model = _interrupted_collection(tmp_path, tokens)
+    state = tmp_path / "collect-state-rank0.safetensors"
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(state)
+    raw = bytearray(state.read_bytes())
+    if tamper == "garbage":  # 1% of the data bytes, at the end of the file (the tensors, not the header)
+        n = len(raw) // 100
+        raw[-n:] = os.urandom(n)
+        state.write_bytes(bytes(raw))
+    elif tamper == "truncated":
+        state.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        if tamper == "huge_value":
+            next(v for k, v in sorted(tensors.items()) if k.startswith("acc."))[0, 0] = 1e30
+        elif tamper == "dropped":
+            del tensors[next(k for k in sorted(tensors) if k.startswith("acc."))]
+        elif tamper in ("next_batch", "round"):
+            meta[tamper] = str((int(meta[tamper]) + 1) % 2)
+        else:  # a consistent checksum over counters no run writes: the range check catches them
+            counters = {"group": "0", "round": "0", "next_batch": str(N_SEQS)}
+            meta = {**meta, **counters, "checksum": _checksum(tensors, counters)}
+        save_file(tensors, state, metadata=meta)
+    expected = {"truncated": "cannot be read", "out_of_range": "outside"}.get(tamper, "fails its checksum")
+    with pytest.raises(ValueError, match=f"{expected}.*resume=False"):
+        collect_hessians(model, tokens, tmp_path, sketch="B", power_iters=2, n_seqs=N_SEQS, seq_len=SEQ_LEN,
+                         batch_size=1, progress=False)
+
+
+def test_checkpoint_resumes_to_the_same_factors(tmp_path, tokens):
+    """The untampered checkpoint of the test above resumes to an uninterrupted run's factors, bit for bit."""
+    kw = dict(sketch="B", power_iters=2, n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=1, progress=False)
+    model = _interrupted_collection(tmp_path / "a", tokens)
+    collect_hessians(model, tokens, tmp_path / "a", **kw)
+    collect_hessians(tiny_model("llama"), tokens, tmp_path / "b", **kw)
+    a, b = load_hessians(tmp_path / "a"), load_hessians(tmp_path / "b")
+    for name in a.modules:
+        for x, y in zip(a.load(name), b.load(name)):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("tamper", ["small_H_out", "no_H_out"])
+def test_factor_file_with_a_wrong_or_missing_H_out_is_refused(tmp_path, tokens, tamper):
+    """A (1, 1) H_out used to broadcast; a missing one silently made YAQA one-sided."""
+    from safetensors.torch import load_file, save_file
+
+    collect_hessians(tiny_model("llama"), tokens, tmp_path, sketch="B", n_seqs=N_SEQS, seq_len=SEQ_LEN, progress=False)
+    name, file = "model.layers.0.mlp.down_proj", tmp_path / "layer_000.safetensors"
+    tensors = load_file(file)
+    if tamper == "small_H_out":
+        tensors[f"{name}.H_out"] = torch.ones(1, 1)
+    else:
+        del tensors[f"{name}.H_out"]
+    save_file(tensors, file)
+    match = r"H_out has shape \(1, 1\), expected \(\d+, \d+\)" if tamper == "small_H_out" else "has no .*H_out"
+    with pytest.raises(ValueError, match=match):
+        load_hessians(tmp_path).load(name)

@@ -51,6 +51,21 @@ def test_quantized_linear_is_x_w_hat(rht, granularity):
     torch.testing.assert_close(layer.weight_matrix().double(), effective, rtol=0, atol=1e-6)
 
 
+def test_quantized_linear_input_gradient_matches_dense_twin():
+    """d/dx of QuantizedLinear with the RHT is d/dx of x @ W_eff^T: W_eff^T g (the RHT's backward)."""
+    m, n = 28, 64
+    linear = torch.nn.Linear(n, m)
+    transform = RHT(m, n, seed=5)
+    Wt = transform.transform_weight(linear.weight.detach())
+    params = IntQuantizer(3).params(Wt)
+    layer = QuantizedLinear.from_rounding(round_to_nearest(Wt, params).codes, params, transform, linear.bias)
+    x = torch.randn(4, n, requires_grad=True)
+    g = torch.randn(4, m)
+    layer(x).backward(g)
+    expected = g.double() @ layer.weight_matrix().double()
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)  # fp32 transforms and matmul
+
+
 def test_bits_per_weight_accounting():
     """Codes at `bits` each (rows padded to 8 codes), fp16 scales and zero points (one row when all rows
     share them), and one bit per RHT sign."""
@@ -226,6 +241,23 @@ def test_pipeline_on_every_architecture(arch, method, tmp_path):
         assert torch.equal(loaded(tokens).logits, q(tokens).logits)
 
 
+def test_dead_layer_falls_back_to_round_to_nearest():
+    """A zero v_proj makes o_proj's input zero, so its collected H_in is 0: the layer is rounded to nearest
+    (the RTN method's codes, same per-layer RHT), with a warning naming it, instead of failing on 0 / 0."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.zero_()
+    tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    q, rtn = copy.deepcopy(model), copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"layer model\.layers\.0\.self_attn\.o_proj: H_in is zero"):
+        quantize(q, QuantConfig(method="ldlq", bits=3), data=tokens, n_seqs=8, seq_len=16, progress=False)
+    quantize(rtn, QuantConfig(method="rtn", bits=3), progress=False)
+    dead = q.model.layers[0].self_attn.o_proj.dequantized_weight()
+    assert torch.equal(dead, rtn.model.layers[0].self_attn.o_proj.dequantized_weight())
+    live = q.model.layers[0].self_attn.q_proj.dequantized_weight()  # the live layers still use their Hessians
+    assert not torch.equal(live, rtn.model.layers[0].self_attn.q_proj.dequantized_weight())
+
+
 def test_bad_configurations(stories, stories_factors, tmp_path):
     model, _ = stories
     with pytest.raises(ValueError, match=r"supports bits in \(2, 3, 4, 8\), got 5"):
@@ -261,6 +293,33 @@ def test_missing_or_corrupt_files(stories, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("tamper", ["bits", "nan_scale", "missing_qweight", "missing_scales"])
+def test_tampered_folder_refuses_to_load(tmp_path, tamper):
+    """Folders whose weights disagree with their config used to load and compute garbage (KL 5-10, NaN)."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")
+    quantize(model, QuantConfig(method="rtn", bits=2), progress=False)
+    model.save_pretrained(tmp_path)
+    name = "model.layers.1.mlp.down_proj"
+    if tamper == "bits":
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["quantization_config"]["modules"][name]["bits"] = 3
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    else:
+        tensors = load_file(tmp_path / "model.safetensors")
+        if tamper == "nan_scale":
+            tensors[f"{name}.scales"][0, 0] = float("nan")
+        else:
+            del tensors[f"{name}.{tamper.removeprefix('missing_')}"]
+        save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    expected = {"bits": r"down_proj\.qweight is torch.uint8 \(\d+, \d+\) but .*\(3-bit.* needs torch.uint8 \(\d+, \d+\)",
+                "nan_scale": r"down_proj\.scales holds non-positive, NaN or infinite values",
+                "missing_qweight": r"down_proj\.qweight is missing", "missing_scales": r"down_proj\.scales is missing"}
+    with pytest.raises(ValueError, match=expected[tamper]):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

@@ -170,6 +170,16 @@ def test_bad_inputs(device):
         call(W=torch.full_like(W, float("nan")))
     with pytest.raises(ValueError, match="scales must be finite and > 0"):
         call(scales=torch.zeros_like(p.scales))
+    L_nan = L.clone()
+    L_nan[40, 3] = float("nan")  # one NaN used to change codes while W_hat stayed finite
+    with pytest.raises(ValueError, match="L_in has NaN or infinite entries"):
+        call(L_in=L_nan)
+    L_inf = torch.eye(32, device=device)
+    L_inf[9, 2] = float("inf")
+    with pytest.raises(ValueError, match="L_out has NaN or infinite entries"):
+        call(L_out=L_inf)
+    with pytest.raises(ValueError, match="zeros has NaN or infinite entries"):
+        call(zeros=torch.full_like(p.zeros, float("nan")))
     with pytest.raises(ValueError, match="td_x \\* td_y <= 1024"):
         call(td_x=32, td_y=48)
     with pytest.raises(TypeError, match="quantizer must be a Quantizer or QuantParams"):

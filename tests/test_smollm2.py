@@ -48,22 +48,26 @@ def test_gguf_file_folder_and_name_load_the_same_weights(smollm2, shared):
 
 
 def test_pipeline_on_two_layers(smollm2, tmp_path):
-    """Sketch B on decoder layers 0 and 1, YAQA at 4 bits on those layers only, evaluated against the original:
-    every targeted linear is quantized, the others untouched, and the KL is that of a mild perturbation."""
+    """Sketch B on decoder layers 0 and 1 (32 x 128 tokens), YAQA at 4 bits on those layers only, evaluated
+    against the original: every targeted linear is quantized, the others untouched, and the KL is clearly
+    below that of round-to-nearest on the same layers (the independent baseline)."""
     model, tok = smollm2
-    calib = prepare_tokens(corpus_texts("calibration"), tok, 4, 128)
-    collect_hessians(model, calib, tmp_path / "h", sketch="B", n_seqs=4, seq_len=128, batch_size=2, layers=[0, 1],
+    calib = prepare_tokens(corpus_texts("calibration"), tok, 32, 128)
+    collect_hessians(model, calib, tmp_path / "h", sketch="B", n_seqs=32, seq_len=128, batch_size=8, layers=[0, 1],
                      progress=False)
-    q = copy.deepcopy(model)
     skip = [r"layers\.([2-9]|[12][0-9])\."]
-    report = quantize(q, QuantConfig(method="yaqa", bits=4, skip=skip), hessians=tmp_path / "h", progress=False)
-    assert len(report.layers) == 14 and 4 < report.bits_per_weight < 4.2
-    assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 14
+    evaluation = prepare_tokens(corpus_texts("evaluation"), tok, 16, 256)
+    kl = {}
+    for method in ("rtn", "yaqa"):
+        q = copy.deepcopy(model)
+        report = quantize(q, QuantConfig(method=method, bits=4, skip=skip), hessians=tmp_path / "h", progress=False)
+        assert len(report.layers) == 14 and 4 < report.bits_per_weight < 4.2
+        assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 14
+        result = evaluate(model, dequantize(q), evaluation, n_seqs=16, seq_len=256, batch_size=8)
+        assert abs(result.ppl_quant / result.ppl_orig - 1) < 0.05, result
+        kl[method] = result.kl
     for r in report.layers:  # two-sided rounding keeps the layer's proxy error well below the weights' own
         assert 0 < r.proxy_two_sided < 0.05, r
-    evaluation = prepare_tokens(corpus_texts("evaluation"), tok, 4, 128)
-    result = evaluate(model, dequantize(q), evaluation, n_seqs=4, seq_len=128, batch_size=4)
-    # 4-bit rounding of layers 0 and 1 (the model's most sensitive): measured KL 0.027 nats/token (round to
-    # nearest: 0.029, 3 bits: ~0.1); perplexity within a few percent
-    assert 0 < result.kl < 0.05, result
-    assert abs(result.ppl_quant / result.ppl_orig - 1) < 0.05, result
+    # Measured (2026-12-03, CPU): KL 0.0125 (yaqa) against 0.0194 (rtn). With 4 sequences Sketch B is too noisy
+    # to beat round to nearest (0.057 against 0.029): the factors need data (issue 11).
+    assert 0 < kl["yaqa"] < 0.8 * kl["rtn"], kl

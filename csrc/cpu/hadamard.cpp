@@ -57,6 +57,7 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::T
       }
     });
   });
+  check_half_range(xc, out);
   return out;
 }
 

@@ -88,6 +88,7 @@ at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::
         acc_t(1) / std::sqrt(static_cast<acc_t>(n)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  check_half_range(xc, out);
   return out;
 }
 

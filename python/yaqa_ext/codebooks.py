@@ -115,6 +115,9 @@ class IntQuantizer(Quantizer):
     def params(self, W: Tensor) -> QuantParams:
         if W.dim() != 2:
             raise ValueError(f"IntQuantizer: W must be 2-D, got shape {tuple(W.shape)}")
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError("IntQuantizer: W has NaN or infinite entries; a grid cannot represent them (check the "
+                             "checkpoint, or skip the layer with QuantConfig(skip=...))")
         m, n = W.shape
         gs = self.group_size if self.granularity == "group" else n
         if n % gs:

@@ -173,16 +173,26 @@ class RHT:
         rht.seed, rht.sign_in, rht.sign_out = seed, sign_in.float(), sign_out.float()
         return rht
 
-    def _signs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def _signs(self, t: Tensor, what: str, shape: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """The sign vectors in ``t``'s dtype and device, once ``t`` has the shape the RHT needs: ``shape`` of
+        'm' / 'n' (this layer's output / input size), a matrix exactly, a vector as the last dimension of a
+        batch. A wrong shape would otherwise broadcast against the signs into a wrong result."""
+        sizes = {"m": self.sign_out.numel(), "n": self.sign_in.numel()}
+        want = tuple(sizes[d] for d in shape)
+        ok = tuple(t.shape) == want if len(want) == 2 else t.dim() >= 1 and t.shape[-1] == want[0]
+        if not ok:
+            need = f"({want[0]}, {want[1]})" if len(want) == 2 else f"(..., {want[0]})"
+            raise ValueError(f"RHT of a {sizes['m']} x {sizes['n']} layer: {what} must have shape {need}, "
+                             f"got {tuple(t.shape)}")
         return self.sign_in.to(device=t.device, dtype=t.dtype), self.sign_out.to(device=t.device, dtype=t.dtype)
 
     def transform_weight(self, W: Tensor) -> Tensor:
-        s_in, s_out = self._signs(W)
+        s_in, s_out = self._signs(W, "W", ("m", "n"))
         rows = hadamard_transform(W * s_in)  # (W S_U) Had_n^T
         return hadamard_transform((rows * s_out[:, None]).T).T  # Had_m S_V (...)
 
     def inverse_weight(self, Wt: Tensor) -> Tensor:
-        s_in, s_out = self._signs(Wt)
+        s_in, s_out = self._signs(Wt, "Wt", ("m", "n"))
         cols = hadamard_transform(Wt.T, inverse=True).T * s_out[:, None]  # S_V Had_m^T W~
         return hadamard_transform(cols, inverse=True) * s_in  # (...) Had_n S_U
 
@@ -191,15 +201,15 @@ class RHT:
         return hadamard_transform(hadamard_transform(signed).T).T
 
     def transform_input_factor(self, H_in: Tensor) -> Tensor:
-        return self._factor(H_in, self._signs(H_in)[0])
+        return self._factor(H_in, self._signs(H_in, "H_in", ("n", "n"))[0])
 
     def transform_output_factor(self, H_out: Tensor) -> Tensor:
-        return self._factor(H_out, self._signs(H_out)[1])
+        return self._factor(H_out, self._signs(H_out, "H_out", ("m", "m"))[1])
 
     def input_transform(self, x: Tensor) -> Tensor:
         """``x S_U Had_n^T`` along the last dimension: the input of the transformed layer."""
-        return hadamard_transform(x * self._signs(x)[0])
+        return hadamard_transform(x * self._signs(x, "x", ("n",))[0])
 
     def output_inverse(self, y: Tensor) -> Tensor:
         """``y Had_m S_V`` along the last dimension: the original layer's output from the transformed one."""
-        return hadamard_transform(y, inverse=True) * self._signs(y)[1]
+        return hadamard_transform(y, inverse=True) * self._signs(y, "y", ("m",))[1]

@@ -190,6 +190,39 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
+def _checksum(tensors: dict[str, Tensor], counters: dict[str, str]) -> str:
+    """sha256 of a checkpoint: its counters, and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(counters, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: Path, fingerprint: str, limits: dict[str, int], device: torch.device) -> tuple[dict, dict]:
+    """``(counters, tensors)`` of an interrupted collection, once its fingerprint, checksum and counters
+    (each ``0 <= counter < limits[name]``) hold; else an error naming the file and ``resume=False``."""
+    hint = "pass resume=False (yaqa collect --no-resume) to start over"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint:
+            raise FileExistsError(f"{path} is an interrupted collection with other settings, model or data; {hint}, "
+                                  "or choose another out_dir")
+        tensors = load_file(str(path), device=str(device))
+    except FileExistsError:
+        raise
+    except Exception as e:  # safetensors raises its own types for truncated or garbled files
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: {hint}") from e
+    counters = {k: meta.get(k, "") for k in limits}
+    if meta.get("checksum") != _checksum(tensors, counters):
+        raise ValueError(f"{path} fails its checksum (the file was changed or damaged after it was written); {hint}")
+    if not all(v.isdigit() and int(v) < limits[k] for k, v in counters.items()):
+        raise ValueError(f"{path} holds counters {counters} outside {limits} (exclusive); {hint}")
+    return {k: int(v) for k, v in counters.items()}, tensors
+
+
 def _layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.safetensors"
 
@@ -501,19 +534,12 @@ def collect_hessians(
     groups = _layer_groups(targets, layers_per_pass)
 
     group_index, round_index, next_batch, saved = 0, 0, 0, {}
-    if resume and state_path.exists():
-        with safe_open(str(state_path), "pt") as f:
-            meta = f.metadata()
-        if meta.get("fingerprint") != fingerprint:
-            raise FileExistsError(
-                f"{state_path} is an interrupted collection with other settings, model or data; pass resume=False "
-                "to start over, or choose another out_dir"
-            )
-        saved = load_file(str(state_path), device=str(device))
-        group_index, round_index, next_batch = (int(meta[k]) for k in ("group", "round", "next_batch"))
-
     my_seqs = list(range(rank, n_seqs, world))
     batches = [my_seqs[i : i + batch_size] for i in range(0, len(my_seqs), batch_size)]
+    if resume and state_path.exists():
+        limits = {"group": len(groups), "round": len(plan), "next_batch": len(batches)}
+        counters, saved = _read_checkpoint(state_path, fingerprint, limits, device)
+        group_index, round_index, next_batch = counters["group"], counters["round"], counters["next_batch"]
     per_group = len(plan) * len(batches)
     bar = tqdm(total=len(groups) * per_group, initial=group_index * per_group + round_index * len(batches) + next_batch,
                desc=f"collect sketch {sketch}", unit="batch",
@@ -532,8 +558,9 @@ def collect_hessians(
 
             def save_state(r: int, b: int, g: int = g, collector: _Collector = collector) -> None:
                 tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
+                counters = {"group": str(g), "round": str(r), "next_batch": str(b)}
                 atomic_save(tensors, state_path,
-                            {"fingerprint": fingerprint, "group": str(g), "round": str(r), "next_batch": str(b)})
+                            {"fingerprint": fingerprint, "checksum": _checksum(tensors, counters), **counters})
 
             _run_passes(job, collector, groups[g], (round_index, next_batch), acc, save_state)
             if rank == 0:
@@ -638,9 +665,13 @@ class HessianFactors:
             if isinstance(e, KeyError):
                 raise
             raise ValueError(f"{file} cannot be read ({e}); the collection is corrupt") from e
-        expect = (info["in_features"],) * 2
-        if tuple(H_in.shape) != expect:
-            raise ValueError(f"{file}: {name}.H_in has shape {tuple(H_in.shape)}, expected {expect}")
+        if H_out is None and self.sketch != "input":
+            raise ValueError(f"{file} has no {name}.H_out, which a Sketch {self.sketch} collection writes for every "
+                             "module; the collection is corrupt: collect again")
+        for side, H, size in (("H_in", H_in, info["in_features"]), ("H_out", H_out, info["out_features"])):
+            if H is not None and tuple(H.shape) != (size, size):
+                raise ValueError(f"{file}: {name}.{side} has shape {tuple(H.shape)}, expected {(size, size)}; the "
+                                 "collection is corrupt: collect again")
         return H_in, H_out
 
 

@@ -169,6 +169,12 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _not_loaded(module: nn.Module) -> list[str]:
+    """The module's buffers that transformers did not read from the files (it flags each tensor it loads
+    with ``_is_hf_initialized`` and fills the others with uninitialised memory)."""
+    return [k for k, b in module.named_buffers(recurse=False) if not getattr(b, "_is_hf_initialized", False)]
+
+
 class YaqaHfQuantizer(HfQuantizer):
     """Loads models saved after :func:`yaqa_ext.quantize`: swaps each quantized module for an empty
     :class:`QuantizedLinear` of the recorded shape before the weights are read."""
@@ -178,6 +184,12 @@ class YaqaHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         for name, spec in self.quantization_config.modules.items():
             replace_module(model, name, QuantizedLinear(**spec))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, spec in self.quantization_config.modules.items():
+            module = model.get_submodule(name)
+            module.check_buffers(name, spec, _not_loaded(module))
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -65,6 +65,12 @@ def block_ldl(
         else:
             if scale is None:
                 scale = H.diagonal().mean()
+                if not scale > 0:  # damping relative to a zero (or negative) mean diagonal adds nothing
+                    raise torch.linalg.LinAlgError(
+                        f"block_ldl: the {H.size(0)} x {H.size(1)} matrix is not positive definite and its mean "
+                        f"diagonal is {float(scale):g}, so relative damping cannot make it so; a zero H means "
+                        "no data reached this layer (use the identity: round to nearest)"
+                    )
             Hd = H + torch.diag_embed((d * scale).expand(H.size(0)))
         L, D, info = ops.block_ldl(Hd, block_size)
         status = int(info)

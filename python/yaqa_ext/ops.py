@@ -27,6 +27,21 @@ __all__ = [
 ]
 
 
+def _check_devices(op: str, **tensors: Tensor | None) -> None:
+    """The fake kernels' device check (the real kernels check the same): every tensor on one device."""
+    present = {k: t.device for k, t in tensors.items() if t is not None}
+    first = next(iter(present.items()))
+    for name, device in present.items():
+        torch._check(device == first[1], lambda: f"{op}: {first[0]} is on {first[1]} but {name} is on {device}; "
+                     "move both to one device")
+
+
+def _check_square(op: str, name: str, t: Tensor | None, size: int) -> None:
+    if t is not None:
+        torch._check(t.dim() == 2 and t.size(0) == size and t.size(1) == size,
+                     lambda: f"{op}: {name} must be {size} x {size}, got {tuple(t.shape)}")
+
+
 def block_ldl(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """``H = L blockdiag(D) L^T``: returns ``(L, D, info)``, info 0 / k (minor k not PD) / -1 (non-finite)."""
     return torch.ops.yaqa.block_ldl.default(H, block_size)
@@ -35,6 +50,7 @@ def block_ldl(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.register_fake("yaqa::block_ldl")
 def _block_ldl_fake(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     torch._check(H.dim() == 2 and H.size(0) == H.size(1), lambda: f"block_ldl: H must be square, got {tuple(H.shape)}")
+    torch._check(H.dtype in (torch.float32, torch.float64), lambda: f"block_ldl: H must be float32 or float64, got {H.dtype}")
     torch._check(block_size >= 1 and H.size(0) % block_size == 0, lambda: "block_ldl: block_size must divide n")
     n = H.size(0)
     return (
@@ -51,9 +67,29 @@ def hadamard_transform(x: Tensor, had: Tensor | None) -> Tensor:
 
 @torch.library.register_fake("yaqa::hadamard_transform")
 def _hadamard_transform_fake(x: Tensor, had: Tensor | None) -> Tensor:
+    torch._check(x.dim() >= 1 and x.size(-1) > 0, lambda: "hadamard_transform: x must have a non-empty last dimension")
+    if had is not None:
+        torch._check(had.dim() == 2 and had.size(0) == had.size(1) and had.size(0) >= 1,
+                     lambda: f"hadamard_transform: had must be a non-empty square matrix, got {tuple(had.shape)}")
+        torch._check(had.device == x.device, lambda: f"hadamard_transform: x is on {x.device} but had on {had.device}")
     c = 1 if had is None else had.size(0)
-    torch._check(x.dim() >= 1 and x.size(-1) % c == 0, lambda: "hadamard_transform: last dim of x must be 2^k * c")
+    p = x.size(-1) // c
+    torch._check(x.size(-1) % c == 0 and p & (p - 1) == 0, lambda: "hadamard_transform: last dim of x must be 2^k * c")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _hadamard_transform_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.had = inputs[1]
+
+
+def _hadamard_transform_backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    """The transform is the orthogonal map (Had_{2^k} ⊗ had) / sqrt(n); its adjoint uses had^T."""
+    had_t = None if ctx.had is None else ctx.had.t().contiguous()
+    return torch.ops.yaqa.hadamard_transform.default(grad, had_t), None
+
+
+torch.library.register_autograd("yaqa::hadamard_transform", _hadamard_transform_backward,
+                                setup_context=_hadamard_transform_setup)
 
 
 def sketch_b_update(
@@ -96,21 +132,35 @@ def input_moment_update(X: Tensor, H: Tensor, allow_tf32: bool = False) -> None:
     torch.ops.yaqa.input_moment_update.default(X, H, allow_tf32)
 
 
+def _check_sketch_fake(op: str, X: Tensor, G: Tensor, H_in, H_out, P_in, P_out) -> None:
+    torch._check(X.dim() >= 1 and X.shape[:-1] == G.shape[:-1],
+                 lambda: f"{op}: X {tuple(X.shape)} and G {tuple(G.shape)} must agree in every dimension but the last")
+    n, m = X.size(-1), G.size(-1)
+    for name, t, size in (("H_in", H_in, n), ("H_out", H_out, m), ("P_in", P_in, n), ("P_out", P_out, m)):
+        _check_square(op, name, t, size)
+    _check_devices(op, X=X, G=G, H_in=H_in, H_out=H_out, P_in=P_in, P_out=P_out)
+
+
 @torch.library.register_fake("yaqa::sketch_b_update")
 def _sketch_b_update_fake(X, G, H_in, H_out, P_in=None, P_out=None, allow_tf32=False, contraction="auto") -> None:
     torch._check(X.dim() == 3 and G.dim() == 3, lambda: "sketch_b_update: X and G must be 3-D")
     torch._check(contraction in ("auto", "gradient", "gram"),
                  lambda: f"sketch_b_update: contraction must be 'auto', 'gradient' or 'gram', got {contraction!r}")
+    _check_sketch_fake("sketch_b_update", X, G, H_in, H_out, P_in, P_out)
     return None
 
 
 @torch.library.register_fake("yaqa::sketch_a_update")
 def _sketch_a_update_fake(X, G, H_in=None, H_out=None, P_in=None, P_out=None, allow_tf32=False) -> None:
+    _check_sketch_fake("sketch_a_update", X, G, H_in, H_out, P_in, P_out)
     return None
 
 
 @torch.library.register_fake("yaqa::input_moment_update")
 def _input_moment_update_fake(X, H, allow_tf32=False) -> None:
+    torch._check(X.dim() >= 1, lambda: "input_moment_update: X must have a feature dimension")
+    _check_square("input_moment_update", "H", H, X.size(-1))
+    _check_devices("input_moment_update", X=X, H=H)
     return None
 
 
@@ -132,5 +182,16 @@ def ldlq_round(
 
 @torch.library.register_fake("yaqa::ldlq_round")
 def _ldlq_round_fake(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y) -> tuple[Tensor, Tensor]:
-    torch._check(W.dim() == 2, lambda: "ldlq_round: W must be 2-D")
+    torch._check(W.dim() == 2 and W.dtype == torch.float32, lambda: "ldlq_round: W must be a 2-D float32 matrix")
+    m, n = W.shape
+    torch._check(1 <= bits <= 8, lambda: f"ldlq_round: bits must be in 1..8, got {bits}")
+    torch._check(td_x >= 1 and td_y >= 1 and m % td_x == 0 and n % td_y == 0,
+                 lambda: f"ldlq_round: W is {m} x {n}, not divisible into {td_x} x {td_y} tiles")
+    torch._check(group_size >= 1 and n % group_size == 0, lambda: f"ldlq_round: group_size {group_size} must divide {n}")
+    _check_square("ldlq_round", "L_in", L_in, n)
+    _check_square("ldlq_round", "L_out", L_out, m)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        torch._check(tuple(t.shape) == (m, n // group_size),
+                     lambda: f"ldlq_round: {name} must be ({m}, {n // group_size}), got {tuple(t.shape)}")
+    _check_devices("ldlq_round", W=W, L_in=L_in, L_out=L_out, scales=scales, zeros=zeros)
     return W.new_empty(W.shape), W.new_empty(W.shape, dtype=torch.uint8)

@@ -4,6 +4,8 @@ column scale d: 1; no low-rank term: 0) and ``W_hat = (codes - z) * s``."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,6 +162,30 @@ class QuantizedLinear(nn.Module):
             "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else "float32",
             "lowrank_rank": 0 if self.lowrank_A is None else self.lowrank_A.size(1), "in_scale": self.in_scale is not None,
         }
+
+    def check_buffers(self, name: str, spec: dict, missing: Collection[str] = ()) -> None:
+        """Raise ValueError, naming the module, unless every buffer matches ``spec`` (the recorded constructor
+        arguments) in presence (none in ``missing``, the buffers a loader did not find), shape and dtype, and scales, zero points, low-rank terms and column scales are
+        finite (scales and column scales > 0): what a loader must check before the layer computes anything."""
+        with torch.device("meta"):
+            shell = QuantizedLinear(**spec)
+        fix = "the folder's weights and its config.json disagree: re-save it with save_pretrained or quantize again"
+        for key, want in shell.named_buffers():
+            have = getattr(self, key, None)
+            if have is None or have.is_meta or key in missing:
+                raise ValueError(f"{name}.{key} is missing from the loaded weights; {fix}")
+            if have.shape != want.shape or have.dtype != want.dtype:
+                raise ValueError(f"{name}.{key} is {have.dtype} {tuple(have.shape)} but the config's layer "
+                                 f"({spec['bits']}-bit, group_size {spec['group_size']}) needs {want.dtype} "
+                                 f"{tuple(want.shape)}; {fix}")
+        if self.bias is not None and (self.bias.is_meta or self.bias.shape != (self.out_features,)):
+            raise ValueError(f"{name}.bias is missing or not of shape ({self.out_features},); {fix}")
+        for key, positive in (("scales", True), ("zeros", False), ("lowrank_A", False), ("lowrank_B", False),
+                              ("in_scale", True)):
+            t = getattr(self, key)
+            if t is not None and not bool((torch.isfinite(t) & ((t > 0) if positive else True)).all()):
+                raise ValueError(f"{name}.{key} holds {'non-positive, ' if positive else ''}NaN or infinite values; "
+                                 "the file is corrupt: quantize the model again")
 
     def codes(self) -> Tensor:
         return unpack_codes(self.qweight, self.bits, self.in_features)

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,8 +194,19 @@ def _check_lowrank_statistics(config: QuantConfig, hessians: HessianFactors | No
                          "a Sketch A or B collection and method 'yaqa' or 'ldlq' (or choose another lowrank_method)")
 
 
-def _normalised(H: Tensor | None) -> Tensor | None:
-    return None if H is None else H / H.diagonal().mean()
+def _normalised(H: Tensor | None, name: str, side: str) -> Tensor | None:
+    """H / mean(diag H); None (the identity: no feedback on that side) for a zero factor, e.g. a dead layer."""
+    if H is None:
+        return None
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(f"layer {name}: {side} has NaN or infinite entries; the factor file is corrupt or the "
+                         "collection diverged: collect it again")
+    scale = H.diagonal().mean()
+    if not scale > 0:
+        warnings.warn(f"layer {name}: {side} is zero (mean diagonal {float(scale):g}: no calibration signal reached "
+                      "this layer); that side is rounded without feedback (identity factor)", stacklevel=3)
+        return None
+    return H / scale
 
 
 @torch.no_grad()
@@ -271,8 +283,14 @@ def quantize(
                 H_in, H_out = factors.load(t.name, W0.device)
             stats = {"R": None if moments is None else moments.load(t.name, W0.device)[0],
                      "x_abs": None if moments is None else moments.abs_mean(t.name, W0.device)}
-            layer, report = _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
-                                            _normalised(H_in), _normalised(H_out), stats)
+            try:
+                layer, report = _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
+                                                _normalised(H_in, t.name, "H_in"), _normalised(H_out, t.name, "H_out"),
+                                                stats)
+            except (ValueError, torch.linalg.LinAlgError) as e:
+                if str(e).startswith(f"layer {t.name}:"):
+                    raise
+                raise type(e)(f"layer {t.name}: {e}") from e
             replace_module(model, t.name, layer)
             modules[t.name] = layer.spec()
             reports.append(report)
