@@ -106,3 +106,78 @@ def test_run_rejects_bad_method_names(tmp_path, capsys, spec, message):
         main(["run", "--out", str(tmp_path), "--methods", spec])
     assert exit_info.value.code == 2
     assert re.search(f"yaqa run: error: .*{message}", capsys.readouterr().err)
+
+
+def _broken_llama2c(tmp_path):
+    from yaqa_ext.models import shared_dir
+
+    src = next((shared_dir() / "models" / "stories260K").glob("*.bin"))
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / src.name).write_bytes(src.read_bytes()[:-100])
+    return str(folder)
+
+
+@pytest.mark.parametrize(("case", "args", "message"), [
+    ("missing local model", ["collect", "--model", "./no/such/model", "--out", "{tmp}/o"],
+     r"model './no/such/model': no such file or folder"),
+    ("missing absolute model", ["quantize", "--model", "/no/such/model.gguf", "--out", "{tmp}/o", "--method", "rtn"],
+     "no such file or folder"),
+    ("broken llama2.c", ["quantize", "--model", "{broken}", "--out", "{tmp}/o", "--method", "rtn"],
+     r"holds no model: .*stories260K.bin: \d+ bytes where its header needs \d+"),
+    ("empty out", ["collect", "--out", ""], "argument --out: the folder is empty"),
+    ("bad device", ["collect", "--out", "{tmp}/o", "--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+    ("bad regex", ["collect", "--out", "{tmp}/o", "--include", "q_proj("], "argument --include: 'q_proj\\(' is not a "
+     "regular expression"),
+    ("bad skip regex", ["quantize", "--out", "{tmp}/o", "--skip", "[a-"], "argument --skip: .* is not a regular"),
+    ("bits before collection", ["run", "--out", "{tmp}/o", "--methods", "yaqa-B", "--bits", "9"], "bits"),
+])
+def test_bad_arguments_end_in_one_line(shared, tmp_path, capsys, case, args, message):
+    """Each used to end in a traceback, be taken for a hub id, write into the current folder, or (bits) reject
+    the argument only after collecting every Hessian."""
+    args = [a.format(tmp=tmp_path, broken=_broken_llama2c(tmp_path) if "{broken}" in a else "") for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "o" / "hessians").exists()  # nothing collected before the error
+
+
+def test_unexpected_errors_end_in_one_line(monkeypatch, capsys):
+    import yaqa_ext.cli as cli
+
+    def boom(args):
+        raise RuntimeError("out of memory in a kernel")
+
+    monkeypatch.setattr(cli, "_dispatch", boom)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "--out", "x"])
+    assert exit_info.value.code == 2
+    assert "yaqa collect: error: RuntimeError: out of memory in a kernel (YAQA_DEBUG=1" in capsys.readouterr().err
+
+
+def test_quantize_keeps_its_collection_under_out_and_replaces_only_its_own_output(shared, tmp_path, capsys):
+    """The calibration factors live in OUT/hessians (a killed run resumes them; a rerun reuses them), the model
+    is published file by file with config.json last, and a folder of someone else's files is refused."""
+    out = tmp_path / "q"
+    args = ["quantize", "--method", "ldlq", "--bits", "4", "--out", str(out), "--n-seqs", "4", "--seq-len", "32",
+            "--device", "cpu"]
+    assert main(args) == 0
+    manifest = out / "hessians" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert f"calibration factors kept in {out / 'hessians'}" in capsys.readouterr().out
+    (out / "model.safetensors").write_bytes(b"an older model")
+    (out / "old-shard.safetensors").write_bytes(b"from an earlier save")
+    assert main(args) == 0
+    assert manifest.stat().st_mtime_ns == stamp  # the collection was reused, not redone
+    assert not (out / "old-shard.safetensors").exists() and not list(out.glob(".model-*"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # the published folder is complete
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "rtn", "--out", str(other), "--device", "cpu"])
+    assert "not a yaqa quantize output" in capsys.readouterr().err and (other / "thesis.tex").exists()

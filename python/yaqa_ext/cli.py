@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
+from .fileio import publish_files
 from .lowrank import LOWRANK_METHODS
 from .models import DEFAULT_MODEL
 from .pipeline import PIPELINE_METHODS
 
 __all__ = ["main"]
 
+REPORT = "quantization_report.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,6 +30,36 @@ def _layers(text: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def _folder(text: str) -> str:
+    """A non-empty output folder (an empty one would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the folder is empty: name a folder to write into")
+    return text
+
+
+def _device(text: str) -> str:
+    """A torch device that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: yaqa_ext runs on cpu or cuda")
+    return text
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {e}") from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-seqs", type=int, default=16, help="calibration sequences (default: %(default)s)")
     demo.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     demo.add_argument("--block-size", type=int, default=16, help="LDL block size cap (default: %(default)s)")
-    demo.add_argument("--device", default=default_device, help="default: %(default)s")
+    demo.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
 
     col = sub.add_parser("collect", help="collect Kronecker-factored Hessians (Sketch A / B) or input moments",
                          description="Collect each decoder linear layer's Hessian factors into --out. Resumable: "
@@ -46,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
     col.add_argument("--data", default=None, help="text file or folder of *.txt (default: the shared calibration corpus, "
                      "State of the Union addresses up to 1950)")
-    col.add_argument("--out", required=True, help="output folder")
+    col.add_argument("--out", type=_folder, required=True, help="output folder")
     col.add_argument("--sketch", choices=["B", "A", "input"], default="B", help="default: %(default)s")
     col.add_argument("--power-iters", type=int, default=1, help="passes (B) or half-iterations (A) (default: %(default)s)")
     col.add_argument("--n-seqs", type=int, default=128, help="default: %(default)s")
@@ -56,12 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--layers-per-pass", type=int, default=None,
                      help="collect this many layers at a time, each group's factors written and freed before the "
                           "next (less memory, one forward and backward per group; default: all in one pass)")
-    col.add_argument("--include", default=None, help="regex: only modules whose name matches")
-    col.add_argument("--exclude", default=None, help="regex: skip modules whose name matches")
+    col.add_argument("--include", type=_regex, default=None, help="regex: only modules whose name matches")
+    col.add_argument("--exclude", type=_regex, default=None, help="regex: skip modules whose name matches")
     col.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
     col.add_argument("--accum-dtype", choices=["float32", "float64"], default="float32", help="default: %(default)s")
-    col.add_argument("--device", default=default_device, help="model device (default: %(default)s)")
-    col.add_argument("--factor-device", default=None, help="where the factors live (default: the model's device)")
+    col.add_argument("--device", type=_device, default=default_device, help="model device (default: %(default)s)")
+    col.add_argument("--factor-device", type=_device, default=None, help="where the factors live (default: the model's device)")
     col.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     col.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
     col.add_argument("--checkpoint-interval", type=float, default=600.0, help="seconds between checkpoints (default: %(default)s)")
@@ -72,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Quantize every decoder linear layer and save the model with save_pretrained; "
                          "after `import yaqa_ext`, AutoModelForCausalLM.from_pretrained(OUT) loads it.")
     qua.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
-    qua.add_argument("--out", required=True, help="output folder for the quantized model")
+    qua.add_argument("--out", type=_folder, required=True, help="output folder for the quantized model")
     qua.add_argument("--method", choices=["yaqa", "ldlq", "rtn", "datafree"], default="yaqa",
                      help="datafree: no calibration, proxy factors from partner layers' weights (default: %(default)s)")
     qua.add_argument("--bits", type=int, default=2, help="2, 3, 4 or 8 (default: %(default)s)")
@@ -94,9 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a `yaqa collect --sketch input` folder: statistics for the lqer / qera low-rank terms")
     qua.add_argument("--datafree-transform", action="store_true",
                      help="datafree: also search an input-column scaling for layers without a partner")
-    qua.add_argument("--skip", action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
+    qua.add_argument("--skip", type=_regex, action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
     qua.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
-    qua.add_argument("--device", default=default_device, help="default: %(default)s")
+    qua.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
 
     ev = sub.add_parser("eval", help="KL(original || quantized) and perplexities on held-out text")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="the original model (default: %(default)s)")
@@ -104,14 +140,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="text (default: the shared evaluation corpus)")
     ev.add_argument("--n-seqs", type=int, default=64, help="default: %(default)s")
     ev.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
-    ev.add_argument("--device", default=default_device, help="default: %(default)s")
+    ev.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
 
     run = sub.add_parser("run", help="the whole pipeline on a model: collect, quantize (rtn / ldlq / yaqa-A / "
                          "yaqa-B at 2, 3, 4 bits), evaluate, print the table",
                          description="Collect factors, quantize with every method and bit width, evaluate KL and "
                          "perplexity on held-out text. Resumable: finished rows are kept in OUT/results.json.")
     run.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
-    run.add_argument("--out", default=None, help="work folder (default: yaqa_out/<model name>)")
+    run.add_argument("--out", type=_folder, default=None, help="work folder (default: yaqa_out/<model name>)")
     run.add_argument("--methods", nargs="+", default=list(PIPELINE_METHODS),
                      help="each optionally with a low-rank term, e.g. yaqa-B+kl:8 or yaqa-B+qera-exact:32 "
                           "(default: %(default)s)")
@@ -124,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-rht", action="store_true", help="quantize without the random Hadamard transform")
     run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
-    run.add_argument("--device", default=default_device, help="default: %(default)s")
+    run.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
     return parser
 
 
@@ -161,15 +197,40 @@ def _quantize(args: argparse.Namespace) -> None:
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
                          skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
                          datafree_transform=args.datafree_transform)
+    out = Path(args.out)
+    stale = _previous_output(out)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     data = None if args.method in ("rtn", "datafree") or args.hessians else (args.data or corpus_texts("calibration"))
+    collect_dir = out / "hessians"  # a killed run resumes its collection from here
     report = quantize(model, config, hessians=args.hessians, data=data, input_moments=args.input_moments,
-                      tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len)
+                      tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len, collect_dir=collect_dir)
     print(report.table())
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    report.save(os.path.join(args.out, "quantization_report.json"))
-    print(f"quantized model saved to {args.out} ({report.bits_per_weight:.3f} bits/weight)")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".model-", suffix=".tmp", dir=out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        report.save(os.path.join(tmp, REPORT))
+        written = {f.name for f in Path(tmp).iterdir()}
+        for f in stale - written:  # the previous model's files that this one does not overwrite
+            (out / f).unlink()
+        publish_files(tmp, out, last="config.json")
+    kept = f"; calibration factors kept in {collect_dir}" if collect_dir.exists() else ""
+    print(f"quantized model saved to {out} ({report.bits_per_weight:.3f} bits/weight){kept}")
+
+
+def _previous_output(out: Path) -> set[str]:
+    """The files of an earlier ``yaqa quantize`` in ``out`` (replaced by this run); refuses any other non-empty
+    folder, whose files are not ours to overwrite."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; name a folder")
+    for leftover in out.glob(".model-*.tmp"):  # a killed run's unpublished model
+        shutil.rmtree(leftover, ignore_errors=True)
+    entries = {f.name for f in out.iterdir()}
+    if entries and REPORT not in entries and entries != {"hessians"}:
+        raise FileExistsError(f"--out {out} holds files that are not a yaqa quantize output; choose an empty or new folder")
+    return {f for f in entries if (out / f).is_file()}
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -195,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         _dispatch(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:  # a bad argument or file: say so, no traceback
+    except KeyboardInterrupt:
+        parser.exit(130, f"yaqa {args.command}: interrupted; run the same command again to resume\n")
+    except Exception as error:  # a bad argument, file or model: one line, no traceback
         if os.environ.get("YAQA_DEBUG"):
             raise
-        parser.exit(2, f"yaqa {args.command}: error: {error} (YAQA_DEBUG=1 shows the traceback)\n")
+        kind = "" if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: "
+        parser.exit(2, f"yaqa {args.command}: error: {kind}{error} (YAQA_DEBUG=1 shows the traceback)\n")
     return 0
 
 
@@ -214,8 +278,6 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         _eval(args)
     elif args.command == "run":
-        from pathlib import Path
-
         from .pipeline import run_pipeline
 
         out = args.out or os.path.join("yaqa_out", Path(args.model).name)

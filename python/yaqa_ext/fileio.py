@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_dir", "atomic_save", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_save", "atomic_write_text", "publish_files"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,3 +68,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_files(src: str | os.PathLike, dst: str | os.PathLike, last: str) -> None:
+    """Move every file of ``src`` into ``dst``, each flushed and renamed, ``last`` after all the others (and an
+    old ``last`` removed first): a reader that needs ``last`` (e.g. config.json) sees the whole new set or none."""
+    src, dst = Path(src), Path(dst)
+    (dst / last).unlink(missing_ok=True)
+    _fsync_dir(dst)
+    for f in sorted((f for f in src.iterdir() if f.is_file()), key=lambda f: f.name == last):
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(f, dst / f.name)
+    _fsync_dir(dst)

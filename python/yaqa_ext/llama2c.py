@@ -123,22 +123,26 @@ def load_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def llama2c_problem(path: Path) -> str | None:
+    """Why ``path`` is not a llama2.c checkpoint (None when it is one): no file, a bad header, a wrong size."""
+    if not path.is_file() or path.stat().st_size < _HEADER.size:
+        return f"{path.name}: not a file of at least {_HEADER.size} bytes"
+    with open(path, "rb") as f:
+        try:
+            header = Llama2cHeader(f.read(_HEADER.size), path)
+        except ValueError as e:
+            return f"{path.name}: {e}"
+    expected = _HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in header.tensor_shapes())
+    if path.stat().st_size != expected:
+        return f"{path.name}: {path.stat().st_size} bytes where its header needs {expected} (truncated or not fp32)"
+    return None
+
+
 def find_llama2c_checkpoint(path: str | os.PathLike) -> Path | None:
     """``path`` if it is a llama2.c checkpoint, else the single one in the folder ``path``, else None."""
     path = Path(path)
     candidates = sorted(path.glob("*.bin")) if path.is_dir() else [path]
-    found = []
-    for c in candidates:
-        if not c.is_file() or c.stat().st_size < _HEADER.size:
-            continue
-        with open(c, "rb") as f:
-            try:
-                header = Llama2cHeader(f.read(_HEADER.size), c)
-            except ValueError:
-                continue
-        expected = _HEADER.size + 4 * sum(torch.Size(s).numel() for _, s in header.tensor_shapes())
-        if c.stat().st_size == expected:
-            found.append(c)
+    found = [c for c in candidates if llama2c_problem(c) is None]
     return found[0] if len(found) == 1 else None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_dir
-from .llama2c import SentencePieceTokenizer, find_llama2c_checkpoint, load_llama2c
+from .llama2c import SentencePieceTokenizer, find_llama2c_checkpoint, llama2c_problem, load_llama2c
 
 __all__ = ["DEFAULT_MODEL", "cache_dir", "find_gguf", "gguf_as_hf", "load_model", "shared_dir"]
 
@@ -30,14 +30,37 @@ def shared_dir() -> Path:
     )
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ('org/name' or 'name'): absolute, relative to '.', '~', or deeper than
+    'org/name', or a file name with a model suffix."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or name.endswith((".gguf", ".bin", ".safetensors", ".pt")))
+
+
 def _resolve(name_or_path: str) -> str:
-    if Path(name_or_path).exists():
-        return name_or_path
+    """A local path, a folder of ``<shared>/models``, or the hub id as given; a missing local path is an error."""
+    if not name_or_path.strip():
+        raise ValueError("the model name is empty: pass a hub id, a folder or a file")
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
     try:
         local = shared_dir() / "models" / name_or_path
     except FileNotFoundError:
-        return name_or_path
-    return str(local) if local.exists() else name_or_path
+        local = None
+    if local is not None and local.exists():
+        return str(local)
+    if _looks_local(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such file or folder (a hub id looks like 'org/name')")
+    return name_or_path
+
+
+def _not_a_model(path: Path) -> ValueError:
+    """The error for a local path that holds no loadable model, with what each kind of model needs."""
+    bins = sorted(path.glob("*.bin")) if path.is_dir() else [path] if path.suffix == ".bin" else []
+    problems = [p for p in map(llama2c_problem, bins) if p is not None]
+    detail = f"; llama2.c: {'; '.join(problems)}" if problems else ""
+    return ValueError(f"{path} holds no model: a Hugging Face folder needs config.json, a GGUF model a *.gguf file, a "
+                      f"llama2.c model one valid *.bin checkpoint{detail}")
 
 
 def find_gguf(source: str | os.PathLike) -> Path | None:
@@ -118,6 +141,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     else:
         from transformers import AutoModelForCausalLM
 
+        path = Path(source)
+        if path.exists() and not (path.is_dir() and (path / "config.json").exists()):
+            raise _not_a_model(path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
         tokenizer = _load_tokenizer(source)
     return model.to(device), tokenizer

@@ -79,6 +79,15 @@ def run_settings(config: dict | None, **run: int) -> dict:
     return {**run, **shared}
 
 
+def _row_config(config: dict | None, method: tuple[str, str | None, int], bits: int, seed: int) -> QuantConfig:
+    """The QuantConfig of one row: the run's shared fields, the method (a :func:`parse_method` triple), bits, seed."""
+    base, lowrank, rank = method
+    fields = {"method": PIPELINE_METHODS[base][0], "bits": bits, "seed": seed}
+    if lowrank is not None:
+        fields.update(lowrank_rank=rank, lowrank_method=lowrank)
+    return QuantConfig(**{**(config or {}), **fields})
+
+
 def run_pipeline(
     model_name: str,
     out_dir: str | os.PathLike,
@@ -102,6 +111,9 @@ def run_pipeline(
     every method (e.g. ``{"rht": False}``).
     """
     parsed = {m: parse_method(m) for m in methods}
+    for m in methods:  # every row's configuration is valid before any collection starts
+        for b in bits:
+            _row_config(config, parsed[m], b, seeds[0] if seeds else 0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -140,8 +152,8 @@ def run_pipeline(
 
     for seed in seeds:
         for method in methods:
-            base, lowrank, rank = parsed[method]
-            qmethod, sketch = PIPELINE_METHODS[base]
+            base, lowrank, _ = parsed[method]
+            sketch = PIPELINE_METHODS[base][1]
             if all((method, b, seed) in done for b in bits):
                 continue
             hessians = None if sketch is None else factors(sketch, seed, method)
@@ -151,11 +163,7 @@ def run_pipeline(
                     continue
                 qmodel = copy.deepcopy(model)
                 start = time.perf_counter()
-                fields = {"method": qmethod, "bits": b, "seed": seed}
-                if lowrank is not None:
-                    fields.update(lowrank_rank=rank, lowrank_method=lowrank)
-                qconfig = QuantConfig(**{**(config or {}), **fields})
-                report = quantize(qmodel, qconfig, hessians=hessians, input_moments=moments, progress=False)
+                report = quantize(qmodel, _row_config(config, parsed[method], b, seed), hessians=hessians, input_moments=moments, progress=False)
                 seconds = time.perf_counter() - start
                 # Evaluated with each layer's effective weight: the function QuantizedLinear computes (up to fp32
                 # rounding), at the speed of a dense layer.
