@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
 namespace yaqa {
@@ -24,6 +25,13 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                               const char* name_a, const char* name_b) {
   TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ",
                     name_b, " is on ", b.device(), "; move both to one device");
+}
+
+// No op of yaqa_ext but hadamard_transform has a gradient: an input that needs one is an error, not a graph
+// silently cut (or an autograd failure deep inside the kernel).
+inline void check_no_grad(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": ", name,
+              " requires grad, but this op has no gradient; pass ", name, ".detach() or call it under torch.no_grad()");
 }
 
 }  // namespace yaqa

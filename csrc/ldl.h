@@ -12,6 +12,7 @@ namespace yaqa {
 inline void check_block_ldl_args(const at::Tensor& H, int64_t block_size) {
   check_real_float(H, "block_ldl", "H");
   check_square(H, "block_ldl", "H");
+  check_no_grad(H, "block_ldl", "H");
   TORCH_CHECK_VALUE(H.size(0) > 0, "block_ldl: H is empty (0 x 0)");
   TORCH_CHECK_VALUE(block_size >= 1, "block_ldl: block_size must be >= 1, got ", block_size);
   TORCH_CHECK_VALUE(H.size(0) % block_size == 0, "block_ldl: n = ", H.size(0),

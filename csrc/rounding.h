@@ -51,6 +51,7 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
   TORCH_CHECK_TYPE(W.scalar_type() == at::kFloat, op, ": W must be float32, got ", W.scalar_type(),
                    "; convert it with .float() (rounding is done in fp32)");
   TORCH_CHECK_VALUE(W.dim() == 2 && W.numel() > 0, op, ": W must be a non-empty 2-D matrix, got shape ", W.sizes());
+  check_no_grad(W, op, "W");
   const int64_t m = W.size(0), n = W.size(1);
   TORCH_CHECK_VALUE(td_x >= 1 && td_y >= 1 && td_x * td_y <= 1024, op, ": tile sizes td_x = ", td_x, ", td_y = ", td_y,
                     " must be >= 1 with td_x * td_y <= 1024");
@@ -69,12 +70,14 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
                       "), got ", (*L)->sizes());
     TORCH_CHECK_TYPE((*L)->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", (*L)->scalar_type());
     check_same_device(W, **L, op, "W", name);
+    check_no_grad(**L, op, name);
   }
   for (const auto& [t, name] : {std::pair{&scales, "scales"}, std::pair{&zeros, "zeros"}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == m && t->size(1) == groups, op, ": ", name, " must be (", m, ", ",
                       groups, ") = (rows, n / group_size), got ", t->sizes());
     check_same_device(W, *t, op, "W", name);
+    check_no_grad(*t, op, name);
   }
   TORCH_CHECK_VALUE(at::isfinite(W).all().item<bool>(), op, ": W has NaN or infinite entries");
   TORCH_CHECK_VALUE((scales > 0).logical_and_(at::isfinite(scales)).all().item<bool>(), op,

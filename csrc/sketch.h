@@ -26,6 +26,7 @@ inline void check_accumulator(const at::Tensor& H, int64_t size, const at::Tenso
                     size, ", got shape ", H.sizes());
   TORCH_CHECK_VALUE(H.is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
   check_same_device(like, H, op, "X", name);
+  check_no_grad(H, op, name);
 }
 
 inline void check_weight(const std::optional<at::Tensor>& P, int64_t size, const at::Tensor& like, const char* op,
@@ -35,12 +36,14 @@ inline void check_weight(const std::optional<at::Tensor>& P, int64_t size, const
   TORCH_CHECK_VALUE(P->dim() == 2 && P->size(0) == size && P->size(1) == size, op, ": ", name, " must be ", size, " x ",
                     size, ", got shape ", P->sizes());
   check_same_device(like, *P, op, "X", name);
+  check_no_grad(*P, op, name);
 }
 
 inline void check_activation(const at::Tensor& t, const char* op, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
                    " must be a floating-point tensor, got ", s);
+  check_no_grad(t, op, name);
 }
 
 // The type the products are computed in: fp64 if either activation is fp64, else fp32.

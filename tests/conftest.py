@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import yaqa_ext
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fuzz suite's size: the default hypothesis profile, 10x the examples when slow tests are asked for."""
+    from hypothesis import settings
+
+    settings.register_profile("yaqa", max_examples=150, deadline=None, derandomize=bool(os.environ.get("CI")))
+    settings.register_profile("yaqa-slow", max_examples=1500, deadline=None)
+    settings.load_profile("yaqa-slow" if config.getoption("markexpr") == "slow" else "yaqa")
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -135,6 +135,9 @@ def test_non_finite_reported(device):
         assert ops.block_ldl(H, 8)[2].item() == -1
         with pytest.raises(ValueError, match="NaN or infinite"):
             yaqa_ext.block_ldl(H, 8)
+    H = torch.eye(32, device=device)
+    H[7, 7] = float("inf")  # LAPACK factors this one (info 0, infinite D): it used to pass as a success on the CPU
+    assert ops.block_ldl(H, 8)[2].item() == -1
 
 
 def test_damping_chooses_first_positive_definite_step(device):

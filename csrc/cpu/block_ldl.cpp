@@ -13,8 +13,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cpu(const at::Tensor& H
   const int64_t nb = n / b;
   auto [C, info] = at::linalg_cholesky_ex(H, /*upper=*/false, /*check_errors=*/false);
   int status = info.item<int>();
-  // LAPACK turns a NaN or infinity of the lower triangle into a failed minor; tell them apart.
-  if (status != 0 && !lower_triangle_is_finite(H).item<bool>()) status = -1;
+  // A NaN or infinity of the lower triangle is reported as such (-1), like the CUDA backend does: LAPACK
+  // turns some into a failed minor and factors others (an infinite diagonal) into info 0 with NaN or
+  // infinite D. One O(n^2) pass beside the O(n^3) factorisation.
+  if (!lower_triangle_is_finite(H).item<bool>()) status = -1;
 
   at::Tensor D = diagonal_block_products(C, b);
   at::Tensor eye = at::eye(b, H.options()).expand({nb, b, b});

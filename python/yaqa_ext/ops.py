@@ -27,6 +27,17 @@ __all__ = [
 ]
 
 
+_ACTIVATIONS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ACCUMULATORS = (torch.float32, torch.float64)
+
+
+def _check_dtypes(op: str, allowed: tuple[torch.dtype, ...], **tensors: Tensor | None) -> None:
+    """The real kernels' dtype checks, repeated by the fake ones."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.dtype in allowed, lambda: f"{op}: {name} must be one of {allowed}, got {t.dtype}")
+
+
 def _check_devices(op: str, **tensors: Tensor | None) -> None:
     """The fake kernels' device check (the real kernels check the same): every tensor on one device."""
     present = {k: t.device for k, t in tensors.items() if t is not None}
@@ -50,7 +61,8 @@ def block_ldl(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.register_fake("yaqa::block_ldl")
 def _block_ldl_fake(H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     torch._check(H.dim() == 2 and H.size(0) == H.size(1), lambda: f"block_ldl: H must be square, got {tuple(H.shape)}")
-    torch._check(H.dtype in (torch.float32, torch.float64), lambda: f"block_ldl: H must be float32 or float64, got {H.dtype}")
+    _check_dtypes("block_ldl", _ACCUMULATORS, H=H)
+    torch._check(H.size(0) > 0, lambda: "block_ldl: H is empty (0 x 0)")
     torch._check(block_size >= 1 and H.size(0) % block_size == 0, lambda: "block_ldl: block_size must divide n")
     n = H.size(0)
     return (
@@ -133,6 +145,8 @@ def input_moment_update(X: Tensor, H: Tensor, allow_tf32: bool = False) -> None:
 
 
 def _check_sketch_fake(op: str, X: Tensor, G: Tensor, H_in, H_out, P_in, P_out) -> None:
+    _check_dtypes(op, _ACTIVATIONS, X=X, G=G)
+    _check_dtypes(op, _ACCUMULATORS, H_in=H_in, H_out=H_out, P_in=P_in, P_out=P_out)
     torch._check(X.dim() >= 1 and X.shape[:-1] == G.shape[:-1],
                  lambda: f"{op}: X {tuple(X.shape)} and G {tuple(G.shape)} must agree in every dimension but the last")
     n, m = X.size(-1), G.size(-1)
@@ -158,6 +172,8 @@ def _sketch_a_update_fake(X, G, H_in=None, H_out=None, P_in=None, P_out=None, al
 
 @torch.library.register_fake("yaqa::input_moment_update")
 def _input_moment_update_fake(X, H, allow_tf32=False) -> None:
+    _check_dtypes("input_moment_update", _ACTIVATIONS, X=X)
+    _check_dtypes("input_moment_update", _ACCUMULATORS, H=H)
     torch._check(X.dim() >= 1, lambda: "input_moment_update: X must have a feature dimension")
     _check_square("input_moment_update", "H", H, X.size(-1))
     _check_devices("input_moment_update", X=X, H=H)
@@ -184,6 +200,9 @@ def ldlq_round(
 def _ldlq_round_fake(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y) -> tuple[Tensor, Tensor]:
     torch._check(W.dim() == 2 and W.dtype == torch.float32, lambda: "ldlq_round: W must be a 2-D float32 matrix")
     m, n = W.shape
+    torch._check(m * n > 0, lambda: f"ldlq_round: W must be non-empty, got shape {tuple(W.shape)}")
+    _check_dtypes("ldlq_round", (torch.float32,), L_in=L_in, L_out=L_out, scales=scales, zeros=zeros)
+    torch._check(td_x * td_y <= 1024, lambda: f"ldlq_round: td_x * td_y = {td_x * td_y} must be <= 1024")
     torch._check(1 <= bits <= 8, lambda: f"ldlq_round: bits must be in 1..8, got {bits}")
     torch._check(td_x >= 1 and td_y >= 1 and m % td_x == 0 and n % td_y == 0,
                  lambda: f"ldlq_round: W is {m} x {n}, not divisible into {td_x} x {td_y} tiles")
