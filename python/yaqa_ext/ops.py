@@ -35,7 +35,8 @@ def _check_dtypes(op: str, allowed: tuple[torch.dtype, ...], **tensors: Tensor |
     """The real kernels' dtype checks, repeated by the fake ones."""
     for name, t in tensors.items():
         if t is not None:
-            torch._check(t.dtype in allowed, lambda: f"{op}: {name} must be one of {allowed}, got {t.dtype}")
+            names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+            torch._check(t.dtype in allowed, lambda: f"{op}: {name} must be {names}, got {t.dtype}")
 
 
 def _check_devices(op: str, **tensors: Tensor | None) -> None:
