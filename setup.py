@@ -32,14 +32,20 @@ def _use_cuda() -> bool:
     return mode != "cpu" and have_cuda
 
 
+SANITIZE = os.environ.get("YAQA_SANITIZE") == "1"
+"""YAQA_SANITIZE=1: a CPU-only build with AddressSanitizer and UndefinedBehaviorSanitizer (see .ci/sanitize)."""
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+
+
 def _extension():
     debug = os.environ.get("YAQA_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    opt = ["-O1", "-g", *SANITIZER_FLAGS] if SANITIZE else ["-O0", "-g"] if debug else ["-O3"]
     cxx = [*opt, "-std=c++17", "-DPy_LIMITED_API=0x030A0000"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if not _use_cuda():
-        print("yaqa_ext: building the CPU-only extension")
-        return CppExtension("yaqa_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    if SANITIZE or not _use_cuda():
+        print("yaqa_ext: building the CPU-only extension" + (" with ASan and UBSan" if SANITIZE else ""))
+        return CppExtension("yaqa_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True,
+                            extra_link_args=SANITIZER_FLAGS if SANITIZE else [])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"yaqa_ext: building with CUDA {torch.version.cuda} for arch {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -63,7 +69,7 @@ class _BuildExt(BuildExtension):
 
     def finalize_options(self) -> None:
         super().finalize_options()
-        self.build_temp = os.path.join(ROOT, "build", "temp")
+        self.build_temp = os.path.join(ROOT, "build", "temp-sanitize" if SANITIZE else "temp")
 
 
 os.environ.setdefault("MAX_JOBS", "2")

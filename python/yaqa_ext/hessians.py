@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -275,6 +276,9 @@ class _Collector:
         for key, H in self.acc.items():
             if not _all_finite(H):
                 raise FloatingPointError(f"the factor {key} has NaN or infinite entries (non-finite activations or gradients)")
+            if H.dim() == 2 and not bool(H.diagonal().any()):
+                warnings.warn(f"the factor {key} is zero: no {'input' if self.kind == 'input' else 'gradient'} signal "
+                              "reached this module (a dead layer); quantize rounds that side to nearest", stacklevel=2)
         self.prev.update(self.acc)
 
     def forward_hook(self, name: str) -> Callable:
