@@ -37,4 +37,11 @@ TORCH_LIBRARY(yaqa, m) {
   // shape (m, n / group_size). Returns W_hat (fp32, exactly the values of codes) and codes (uint8).
   m.def("ldlq_round(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor zeros, int bits, int group_size, "
         "int td_x, int td_y) -> (Tensor W_hat, Tensor codes)");
+
+  // y = x W_hat^T for x (..., n) and the packed scalar-grid weight W_hat = (codes - z) * s (m x n):
+  // qweight (m, ceil(n / 8) * bits) uint8 holds each row's codes as a little-endian bit stream (8 codes
+  // in `bits` bytes), scales / zeros (1 or m, n / group_size) fp16 or fp32. The weight is never
+  // materialised: codes are decoded a row (small batches) or a tile of rows (large ones) at a time.
+  // y has x's dtype and shape (..., m); computed in fp32 (fp64 for fp64 x).
+  m.def("int_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
 }

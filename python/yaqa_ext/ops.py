@@ -20,6 +20,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 __all__ = [
     "block_ldl",
     "hadamard_transform",
+    "int_matmul",
     "input_moment_update",
     "ldlq_round",
     "sketch_a_update",
@@ -215,3 +216,28 @@ def _ldlq_round_fake(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y
                      lambda: f"ldlq_round: {name} must be ({m}, {n // group_size}), got {tuple(t.shape)}")
     _check_devices("ldlq_round", W=W, L_in=L_in, L_out=L_out, scales=scales, zeros=zeros)
     return W.new_empty(W.shape), W.new_empty(W.shape, dtype=torch.uint8)
+
+
+def int_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
+    """``x W_hat^T`` with ``W_hat = (codes - z) * s`` read from the packed codes (never materialised)."""
+    return torch.ops.yaqa.int_matmul.default(x, qweight, scales, zeros, bits, group_size)
+
+
+@torch.library.register_fake("yaqa::int_matmul")
+def _int_matmul_fake(x, qweight, scales, zeros, bits, group_size) -> Tensor:
+    _check_dtypes("int_matmul", _ACTIVATIONS, x=x)
+    _check_dtypes("int_matmul", (torch.uint8,), qweight=qweight)
+    _check_dtypes("int_matmul", (torch.float16, torch.float32), scales=scales, zeros=zeros)
+    torch._check(x.dim() >= 1 and x.size(-1) > 0, lambda: "int_matmul: x must have a non-empty last dimension")
+    n = x.size(-1)
+    torch._check(1 <= bits <= 8, lambda: f"int_matmul: bits must be in 1..8, got {bits}")
+    torch._check(group_size >= 1 and n % group_size == 0,
+                 lambda: f"int_matmul: group_size = {group_size} must divide x's last dimension n = {n}")
+    torch._check(qweight.dim() == 2 and qweight.size(0) > 0 and qweight.size(1) == (n + 7) // 8 * bits,
+                 lambda: f"int_matmul: qweight must be (m, ceil(n / 8) * bits), got {tuple(qweight.shape)}")
+    m = qweight.size(0)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        torch._check(t.dim() == 2 and t.size(0) in (1, m) and t.size(1) == n // group_size,
+                     lambda: f"int_matmul: {name} must be (1 or m, n / group_size), got {tuple(t.shape)}")
+    _check_devices("int_matmul", x=x, qweight=qweight, scales=scales, zeros=zeros)
+    return x.new_empty((*x.shape[:-1], m))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .codebooks import QuantParams
 from .hadamard import RHT
 
@@ -209,13 +210,19 @@ class QuantizedLinear(nn.Module):
         return self.weight_matrix()
 
     def forward(self, x: Tensor) -> Tensor:
-        W_hat = self.dequantized_weight().to(x.dtype)
         xs = x if self.in_scale is None else (x.float() / self.in_scale.float()).to(x.dtype)  # fp16 x / 2^-14 overflows
         rht = self.rht
-        y = xs @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(xs) @ W_hat.T)
+        y = self._codes_matmul(xs) if rht is None else rht.output_inverse(self._codes_matmul(rht.input_transform(xs)))
         if self.lowrank_A is not None:
             y = y + (x @ self.lowrank_B.to(x.dtype).T) @ self.lowrank_A.to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _codes_matmul(self, x: Tensor) -> Tensor:
+        """``x W_hat^T``: the fused op (codes decoded as they are used) on the CPU when no gradient is needed;
+        else, until a backend has its kernel or the op a backward, the dequantized weight's matmul."""
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            return ops.int_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        return x @ self.dequantized_weight().to(x.dtype).T
 
     def bits_per_weight(self) -> float:
         """Stored bits of the weight (codes, scales, zero points, signs, low-rank term, column scale; not the

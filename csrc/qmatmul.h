@@ -1,0 +1,53 @@
+// The packed scalar-grid weight of yaqa_ext's quantized layers: argument checks and the code decoder,
+// shared by the backends.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "checks.h"
+
+namespace yaqa {
+
+// Validates int_matmul's arguments; returns n (x's last dimension, the weight's columns).
+inline int64_t check_int_matmul_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t bits, int64_t group_size) {
+  constexpr const char* op = "int_matmul";
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+                   ": x must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(group_size >= 1 && n % group_size == 0, op, ": group_size = ", group_size,
+                    " must divide x's last dimension n = ", n);
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, op, ": qweight must be uint8, got ", qweight.scalar_type());
+  const int64_t row_bytes = (n + 7) / 8 * bits;
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(0) > 0 && qweight.size(1) == row_bytes, op,
+                    ": qweight must be (m, ceil(n / 8) * bits) = (m, ", row_bytes, ") for n = ", n, " and ", bits,
+                    " bits, got ", qweight.sizes());
+  const int64_t m = qweight.size(0), groups = n / group_size;
+  for (const auto& [p, name] : {std::pair{&scales, "scales"}, std::pair{&zeros, "zeros"}}) {
+    TORCH_CHECK_TYPE(p->scalar_type() == at::kHalf || p->scalar_type() == at::kFloat, op, ": ", name,
+                     " must be float16 or float32, got ", p->scalar_type());
+    TORCH_CHECK_VALUE(p->dim() == 2 && (p->size(0) == 1 || p->size(0) == m) && p->size(1) == groups, op, ": ", name,
+                      " must be (1 or m = ", m, ", n / group_size = ", groups, "), got ", p->sizes());
+    check_same_device(x, *p, op, "x", name);
+    check_no_grad(*p, op, name);
+  }
+  check_same_device(x, qweight, op, "x", "qweight");
+  check_no_grad(x, op, "x");
+  return n;
+}
+
+// The 8 codes stored in `bits` bytes at p (little-endian bit stream): code k = bits [k * bits, (k + 1) * bits).
+inline void decode8(const uint8_t* p, int64_t bits, uint32_t* codes) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, static_cast<size_t>(bits));  // little-endian hosts (x86, ARM): byte j -> bits 8j..8j+7
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  for (int k = 0; k < 8; ++k) codes[k] = static_cast<uint32_t>((v >> (k * bits)) & mask);
+}
+
+}  // namespace yaqa

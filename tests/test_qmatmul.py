@@ -1,0 +1,95 @@
+"""int_matmul (x W_hat^T read from the packed codes) against plain PyTorch: unpack, dequantize, matmul in fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from yaqa_ext import ops
+from yaqa_ext.qlinear import pack_codes
+
+
+def packed_weight(m: int, n: int, bits: int, group_size: int, rows: int, seed: int = 0):
+    """Random codes (packed), fp16 scales and zero points of ``rows`` rows (1: shared), and the dense W_hat."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (m, n), generator=g).to(torch.uint8)
+    s = (torch.rand(rows, n // group_size, generator=g) + 0.05).half()
+    z = (torch.rand(rows, n // group_size, generator=g) * (2**bits - 1)).half()
+    W = (codes.double() - z.double().repeat_interleave(group_size, 1)) * s.double().repeat_interleave(group_size, 1)
+    return pack_codes(codes, bits), s, z, W
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize(("m", "n", "group_size"), [(24, 40, 8), (576, 576, 576), (64, 1536, 128), (1536, 576, 64),
+                                                     (7, 13, 13)])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_matches_dequantize_then_matmul(bits, m, n, group_size, tokens):
+    q, s, z, W = packed_weight(m, n, bits, group_size, rows=m, seed=bits)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ W.T
+    y = ops.int_matmul(x, q, s, z, bits, group_size)
+    assert y.shape == (tokens, m) and y.dtype == torch.float32
+    # fp32 products and sums in another order than the fp64 reference: ~sqrt(n) ulps of the largest output
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 4, 96), (96,), (2, 0, 96)])
+def test_activation_dtypes_and_batch_shapes(dtype, shape):
+    q, s, z, W = packed_weight(40, 96, 4, 32, rows=1)
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    y = ops.int_matmul(x, q, s, z, 4, 32)
+    assert y.shape == (*shape[:-1], 40) and y.dtype == dtype
+    ref = x.double() @ W.T
+    # fp64 in, fp64 maths (1e-12); half precision in: fp32 maths, one rounding of the output to its dtype
+    tol = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    if ref.numel():
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_non_contiguous_inputs():
+    q, s, z, W = packed_weight(32, 64, 3, 16, rows=32)
+    x = torch.randn(64, 10).T  # (10, 64), column-major
+    y = ops.int_matmul(x, q, s.T.contiguous().T, z, 3, 16)
+    torch.testing.assert_close(y.double(), x.double() @ W.T, rtol=0, atol=1e-5 * float((x.double() @ W.T).abs().max()))
+
+
+def test_bad_inputs():
+    q, s, z, _ = packed_weight(8, 16, 2, 8, rows=8)
+    x = torch.randn(2, 16)
+    cases = [
+        ((x.long(), q, s, z, 2, 8), TypeError, "x must be float32"),
+        ((x, q, s, z, 9, 8), ValueError, "bits must be in 1..8"),
+        ((x, q, s, z, 2, 5), ValueError, "group_size = 5 must divide"),
+        ((x, q, s, z, 3, 8), ValueError, r"qweight must be \(m, ceil\(n / 8\) \* bits\) = \(m, 6\)"),
+        ((x, q.float(), s, z, 2, 8), TypeError, "qweight must be uint8"),
+        ((x, q, s[:, :1], z, 2, 8), ValueError, r"scales must be \(1 or m = 8, n / group_size = 2\)"),
+        ((x, q, s, z.double(), 2, 8), TypeError, "zeros must be float16 or float32"),
+        ((x[:, :8], q, s, z, 2, 8), ValueError, "qweight must be"),
+        ((x.requires_grad_(True), q, s, z, 2, 8), RuntimeError, "x requires grad"),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            ops.int_matmul(*args)
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_opcheck(tokens):
+    q, s, z, _ = packed_weight(16, 24, 4, 8, rows=16)
+    torch.library.opcheck(torch.ops.yaqa.int_matmul.default, (torch.randn(tokens, 24), q, s, z, 4, 8))
+
+
+def test_compiled_quantized_layer_matches_eager():
+    """torch.compile traces the layer through the fake kernel and runs the real one: the same outputs."""
+    from yaqa_ext.codebooks import QuantParams
+    from yaqa_ext.hadamard import RHT
+    from yaqa_ext.qlinear import QuantizedLinear
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (32, 64), generator=g).to(torch.uint8)
+    params = QuantParams(bits=4, group_size=64, scales=torch.full((32, 1), 0.125), zeros=torch.full((32, 1), 7.5))
+    layer = QuantizedLinear.from_rounding(codes, params, RHT(32, 64, seed=1), torch.randn(32, generator=g))
+    x = torch.randn(3, 64, generator=g)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-6, atol=1e-6)
+    dense = x @ layer.weight_matrix().T + layer.bias  # the layer's effective weight, dequantized in plain PyTorch
+    torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-5)
