@@ -25,7 +25,7 @@ from yaqa_ext.qlinear import QuantizedLinear  # noqa: E402
 def layer(m: int, n: int, bits: int, rht: bool, device: str) -> QuantizedLinear:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 2**bits, (m, n), generator=g).to(torch.uint8)
-    params = QuantParams(scales=torch.rand(m, 1, generator=g).half().float() + 0.01,
+    params = QuantParams(scales=(torch.rand(m, 1, generator=g) + 0.01).half().float(),
                          zeros=torch.full((m, 1), (2**bits - 1) / 2), bits=bits, group_size=n)
     return QuantizedLinear.from_rounding(codes, params, RHT(m, n, seed=0) if rht else None, None).to(device)
 

@@ -42,12 +42,4 @@ inline int64_t check_int_matmul_args(const at::Tensor& x, const at::Tensor& qwei
   return n;
 }
 
-// The 8 codes stored in `bits` bytes at p (little-endian bit stream): code k = bits [k * bits, (k + 1) * bits).
-inline void decode8(const uint8_t* p, int64_t bits, uint32_t* codes) {
-  uint64_t v = 0;
-  std::memcpy(&v, p, static_cast<size_t>(bits));  // little-endian hosts (x86, ARM): byte j -> bits 8j..8j+7
-  const uint64_t mask = (uint64_t{1} << bits) - 1;
-  for (int k = 0; k < 8; ++k) codes[k] = static_cast<uint32_t>((v >> (k * bits)) & mask);
-}
-
 }  // namespace yaqa

@@ -93,3 +93,24 @@ def test_compiled_quantized_layer_matches_eager():
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-6, atol=1e-6)
     dense = x @ layer.weight_matrix().T + layer.bias  # the layer's effective weight, dequantized in plain PyTorch
     torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_rht_follows_its_sign_buffers():
+    """The unpacked sign vectors are cached; writing a sign buffer in place (or loading new ones) must not
+    leave the layer computing with the old ones: compared with a fresh layer built from the same state."""
+    from yaqa_ext.codebooks import QuantParams
+    from yaqa_ext.hadamard import RHT
+    from yaqa_ext.qlinear import QuantizedLinear
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 4, (16, 32), generator=g).to(torch.uint8)
+    params = QuantParams(bits=2, group_size=32, scales=torch.full((16, 1), 0.25), zeros=torch.full((16, 1), 1.5))
+    layer = QuantizedLinear.from_rounding(codes, params, RHT(16, 32, seed=2), None)
+    x = torch.randn(2, 32, generator=g)
+    before = layer(x)
+    layer.sign_in ^= 0b1011  # flip a few input signs in place
+    fresh = QuantizedLinear(**layer.spec())
+    fresh.load_state_dict(layer.state_dict())
+    after = layer(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, fresh(x), rtol=0, atol=0)

@@ -3,7 +3,8 @@
 // dotted with every token, the zero point folded out of the inner loop through per-group sums of x:
 //   y[t, j] = sum_g s[j, g] (sum_{i in g} c[j, i] x[t, i] - z[j, g] sum_{i in g} x[t, i]).
 // Large batches (prefill): a tile of rows is dequantized at a time and multiplied by a GEMM, so the
-// weight is never materialised whole.
+// weight is never materialised whole. The fp32 row loops are compiled three times (AVX-512, AVX2 and baseline
+// x86-64, chosen at load time); the decode is written per bit width so each compiles to vector shifts.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,25 +14,62 @@
 #include "../ops.h"
 #include "../qmatmul.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define YAQA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define YAQA_VECTOR_CLONES
+#endif
+#define YAQA_INLINE inline __attribute__((always_inline))
+
 namespace yaqa {
 namespace {
 
 constexpr int64_t kSmallBatch = 8;  // up to this many tokens: the row-by-row decode path
 constexpr int64_t kTileRows = 256;  // rows dequantized per GEMM on the large-batch path
 
-template <typename acc_t>
-void decode_row(const uint8_t* row, int64_t n, int64_t bits, acc_t* out) {
-  uint32_t c[8];
-  for (int64_t i = 0; i < n; i += 8) {
-    decode8(row + (i / 8) * bits, bits, c);
-    const int64_t count = std::min<int64_t>(8, n - i);
-    for (int64_t k = 0; k < count; ++k) out[i + k] = static_cast<acc_t>(c[k]);
+struct Packed {
+  const uint8_t* codes;
+  int64_t m, n, bits, group_size, row_bytes;
+};
+
+// A row's codes as acc_t values into out (room for ceil(n / 8) * 8): 8 codes from B bytes at a time.
+template <int B, typename acc_t>
+YAQA_INLINE void decode_row_bits(const uint8_t* row, int64_t n, acc_t* out) {
+  constexpr uint64_t mask = (uint64_t{1} << B) - 1;
+  for (int64_t c = 0; c < (n + 7) / 8; ++c) {
+    const uint8_t* p = row + c * B;
+    acc_t* o = out + c * 8;
+    if constexpr (B == 8) {
+      for (int k = 0; k < 8; ++k) o[k] = static_cast<acc_t>(p[k]);
+    } else if constexpr (B <= 4) {  // 8 codes fit 32 bits: one vector of 32-bit lanes
+      uint32_t v = 0;
+      std::memcpy(&v, p, B);
+      for (int k = 0; k < 8; ++k) o[k] = static_cast<acc_t>(static_cast<int32_t>((v >> (k * B)) & mask));
+    } else {
+      uint64_t v = 0;
+      std::memcpy(&v, p, B);
+      for (int k = 0; k < 8; ++k) o[k] = static_cast<acc_t>(static_cast<int32_t>((v >> (k * B)) & mask));
+    }
   }
 }
 
-// sum_i a[i] b[i] with eight independent partial sums (which the compiler keeps in one vector register).
 template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
+YAQA_INLINE void decode_row(const uint8_t* row, int64_t n, int64_t bits, acc_t* out) {
+  switch (bits) {
+    case 1: return decode_row_bits<1>(row, n, out);
+    case 2: return decode_row_bits<2>(row, n, out);
+    case 3: return decode_row_bits<3>(row, n, out);
+    case 4: return decode_row_bits<4>(row, n, out);
+    case 5: return decode_row_bits<5>(row, n, out);
+    case 6: return decode_row_bits<6>(row, n, out);
+    case 7: return decode_row_bits<7>(row, n, out);
+    default: return decode_row_bits<8>(row, n, out);
+  }
+}
+
+// sum_i a[i] b[i] with eight independent partial sums (one vector register).
+template <typename acc_t>
+YAQA_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
   acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
@@ -43,55 +81,82 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
   return total;
 }
 
-struct Packed {
-  const uint8_t* codes;
-  int64_t m, n, bits, group_size, row_bytes;
+struct Grid {  // scales and zero points, acc_t, a row stride of 0 when one row serves all
+  const void* s;
+  const void* z;
+  int64_t s_stride, z_stride;
 };
 
+// Rows [begin, end) of y (T x m) for the small-batch path; c is a decode buffer of ceil(n / 8) * 8.
 template <typename acc_t>
-void small_batch(const Packed& w, const acc_t* x, int64_t T, const acc_t* s, int64_t s_stride, const acc_t* z,
-                 int64_t z_stride, acc_t* y) {
-  const int64_t n = w.n, groups = n / w.group_size, gs = w.group_size;
-  std::vector<acc_t> xsum(T * groups);  // per-token group sums of x, for the zero points
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t g = 0; g < groups; ++g) {
-      acc_t sum = 0;
-      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) sum += x[t * n + i];
-      xsum[t * groups + g] = sum;
+YAQA_INLINE void dot_rows(const Packed& w, const acc_t* x, const acc_t* xsum, int64_t T, const Grid& grid, acc_t* y,
+                          acc_t* c, int64_t begin, int64_t end) {
+  const int64_t n = w.n, gs = w.group_size, groups = n / gs;
+  for (int64_t j = begin; j < end; ++j) {
+    decode_row(w.codes + j * w.row_bytes, n, w.bits, c);
+    const acc_t* sj = static_cast<const acc_t*>(grid.s) + j * grid.s_stride;
+    const acc_t* zj = static_cast<const acc_t*>(grid.z) + j * grid.z_stride;
+    for (int64_t t = 0; t < T; ++t) {
+      acc_t acc = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        acc += sj[g] * (dot(c + g * gs, x + t * n + g * gs, gs) - zj[g] * xsum[t * groups + g]);
+      }
+      y[t * w.m + j] = acc;
     }
   }
-  at::parallel_for(0, w.m, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> c(n);
-    for (int64_t j = begin; j < end; ++j) {
-      decode_row(w.codes + j * w.row_bytes, n, w.bits, c.data());
-      const acc_t* sj = s + j * s_stride;
-      const acc_t* zj = z + j * z_stride;
-      for (int64_t t = 0; t < T; ++t) {
-        acc_t acc = 0;
-        for (int64_t g = 0; g < groups; ++g) {
-          acc += sj[g] * (dot(c.data() + g * gs, x + t * n + g * gs, gs) - zj[g] * xsum[t * groups + g]);
-        }
-        y[t * w.m + j] = acc;
-      }
+}
+
+// Rows [begin, end) of the tile starting at row j0, dequantized: (c - z) * s.
+template <typename acc_t>
+YAQA_INLINE void dequantize_rows(const Packed& w, int64_t j0, const Grid& grid, acc_t* tile, acc_t* c, int64_t begin,
+                                 int64_t end) {
+  const int64_t n = w.n, gs = w.group_size;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t j = j0 + r;
+    decode_row(w.codes + j * w.row_bytes, n, w.bits, c);
+    const acc_t* sj = static_cast<const acc_t*>(grid.s) + j * grid.s_stride;
+    const acc_t* zj = static_cast<const acc_t*>(grid.z) + j * grid.z_stride;
+    acc_t* row = tile + r * n;
+    for (int64_t g = 0; g < n / gs; ++g) {
+      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) row[i] = (c[i] - zj[g]) * sj[g];
     }
-  });
+  }
+}
+
+// The fp32 loops, compiled per target; fp64 keeps the baseline build (its maths is the point, not speed).
+YAQA_VECTOR_CLONES void dot_rows_f32(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid,
+                                     float* y, float* c, int64_t begin, int64_t end) {
+  dot_rows<float>(w, x, xsum, T, grid, y, c, begin, end);
+}
+YAQA_VECTOR_CLONES void dequantize_rows_f32(const Packed& w, int64_t j0, const Grid& grid, float* tile, float* c,
+                                            int64_t begin, int64_t end) {
+  dequantize_rows<float>(w, j0, grid, tile, c, begin, end);
+}
+void dot_rows_any(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y, float* c,
+                  int64_t begin, int64_t end) {
+  dot_rows_f32(w, x, xsum, T, grid, y, c, begin, end);
+}
+void dot_rows_any(const Packed& w, const double* x, const double* xsum, int64_t T, const Grid& grid, double* y,
+                  double* c, int64_t begin, int64_t end) {
+  dot_rows<double>(w, x, xsum, T, grid, y, c, begin, end);
+}
+void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, float* tile, float* c, int64_t begin,
+                         int64_t end) {
+  dequantize_rows_f32(w, j0, grid, tile, c, begin, end);
+}
+void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, double* tile, double* c, int64_t begin,
+                         int64_t end) {
+  dequantize_rows<double>(w, j0, grid, tile, c, begin, end);
 }
 
 template <typename acc_t>
-void dequantize_rows(const Packed& w, int64_t j0, int64_t rows, const acc_t* s, int64_t s_stride, const acc_t* z,
-                     int64_t z_stride, acc_t* out) {
-  const int64_t n = w.n, gs = w.group_size;
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t j = j0 + r;
-      acc_t* row = out + r * n;
-      decode_row(w.codes + j * w.row_bytes, n, w.bits, row);
-      for (int64_t g = 0; g < n / gs; ++g) {
-        const acc_t zg = z[j * z_stride + g], sg = s[j * s_stride + g];
-        for (int64_t i = g * gs; i < (g + 1) * gs; ++i) row[i] = (row[i] - zg) * sg;
-      }
-    }
-  });
+std::vector<acc_t> group_sums(const acc_t* x, int64_t T, int64_t n, int64_t gs) {
+  const int64_t groups = n / gs;
+  std::vector<acc_t> out(T * groups, acc_t(0));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < n; ++i) out[t * groups + i / gs] += x[t * n + i];
+  }
+  return out;
 }
 
 }  // namespace
@@ -104,23 +169,29 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const at::Tensor xa = x.reshape({-1, n}).to(ct).contiguous();
   const at::Tensor q = qweight.contiguous();
   const at::Tensor s = scales.to(ct).contiguous(), z = zeros.to(ct).contiguous();
-  const int64_t T = xa.size(0);
+  const int64_t T = xa.size(0), padded = (n + 7) / 8 * 8;
   at::Tensor y = at::empty({T, m}, xa.options());
   const Packed w{q.data_ptr<uint8_t>(), m, n, bits, group_size, q.size(1)};
-  const int64_t s_stride = s.size(0) == 1 ? 0 : s.size(1), z_stride = z.size(0) == 1 ? 0 : z.size(1);
+  const Grid grid{s.data_ptr(), z.data_ptr(), s.size(0) == 1 ? 0 : s.size(1), z.size(0) == 1 ? 0 : z.size(1)};
 
   AT_DISPATCH_FLOATING_TYPES(ct, "int_matmul_cpu", [&] {
     if (T == 0) return;
+    const scalar_t* xp = xa.data_ptr<scalar_t>();
     if (T <= kSmallBatch) {
-      small_batch<scalar_t>(w, xa.data_ptr<scalar_t>(), T, s.data_ptr<scalar_t>(), s_stride, z.data_ptr<scalar_t>(),
-                            z_stride, y.data_ptr<scalar_t>());
+      const std::vector<scalar_t> xsum = group_sums(xp, T, n, group_size);
+      at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> c(padded);
+        dot_rows_any(w, xp, xsum.data(), T, grid, y.data_ptr<scalar_t>(), c.data(), begin, end);
+      });
       return;
     }
     at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options());
     for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
       const int64_t rows = std::min(kTileRows, m - j0);
-      dequantize_rows<scalar_t>(w, j0, rows, s.data_ptr<scalar_t>(), s_stride, z.data_ptr<scalar_t>(), z_stride,
-                                tile.data_ptr<scalar_t>());
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> c(padded);
+        dequantize_rows_any(w, j0, grid, tile.data_ptr<scalar_t>(), c.data(), begin, end);
+      });
       y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
     }
   });

@@ -109,11 +109,16 @@ class QuantizedLinear(nn.Module):
 
     @property
     def rht(self) -> RHT | None:
+        """The layer's RHT, its sign vectors unpacked once and kept until a sign buffer is replaced or written."""
         if self.sign_in is None:
             return None
-        signs = [unpack_codes(s, 1, k)[0].float() * 2 - 1 for s, k in ((self.sign_out, self.out_features),
-                                                                       (self.sign_in, self.in_features))]
-        return RHT.from_signs(*signs, self.rht_seed)
+        key = tuple((b.data_ptr(), b._version, b.device) for b in (self.sign_out, self.sign_in)) + (self.rht_seed,)
+        cached = self.__dict__.get("_rht_cache")
+        if cached is None or cached[0] != key:
+            signs = [unpack_codes(s, 1, k)[0].float() * 2 - 1 for s, k in ((self.sign_out, self.out_features),
+                                                                           (self.sign_in, self.in_features))]
+            cached = self.__dict__["_rht_cache"] = (key, RHT.from_signs(*signs, self.rht_seed))
+        return cached[1]
 
     @classmethod
     def from_rounding(
