@@ -5,6 +5,8 @@
 
 Shapes are out x in. Prints median times and the ratios nn.Linear fp32 / ours (> 1: ours is faster) and
 nn.Linear bf16 / ours, all measured in this run; the layer's bytes read per call (packed codes and scales).
+``--generate MODEL`` (e.g. smollm2-135m) also times greedy ``generate`` of the original model against its
+round-to-nearest quantization at ``--bits`` (every decoder linear, RHT), tokens/s, same prompt and length.
 """
 
 from __future__ import annotations
@@ -30,12 +32,39 @@ def layer(m: int, n: int, bits: int, rht: bool, device: str) -> QuantizedLinear:
     return QuantizedLinear.from_rounding(codes, params, RHT(m, n, seed=0) if rht else None, None).to(device)
 
 
+def generate_speed(model_name: str, bits: int, new_tokens: int, repeats: int) -> None:
+    """Greedy decoding tokens/s of the original model and of its RTN quantization, measured in one run."""
+    import copy
+    import time
+
+    from yaqa_ext import QuantConfig, quantize
+    from yaqa_ext.models import load_model
+
+    model, tok = load_model(model_name)
+    quantized = copy.deepcopy(model)
+    quantize(quantized, QuantConfig(method="rtn", bits=bits), progress=False)
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    for name, m in (("original fp32", model), (f"quantized {bits}-bit rtn", quantized)):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times.append(time.perf_counter() - start)
+        rate = new_tokens / sorted(times)[len(times) // 2]
+        print(f"{model_name} {name:24s} {rate:8.1f} tokens/s ({new_tokens} new tokens, batch 1): "
+              f"{tok.decode(out[0, ids.size(1):ids.size(1) + 8])!r}...", flush=True)
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 256])
     parser.add_argument("--shapes", nargs="+", default=["576x576", "1536x576", "2048x2048", "4096x4096", "11008x4096"])
+    parser.add_argument("--generate", default=None, help="also time generate on this model (e.g. smollm2-135m)")
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.generate:
+        generate_speed(args.generate, args.bits, args.new_tokens, args.repeats)
     print(f"QuantizedLinear {args.bits}-bit vs nn.Linear, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'device':28s} {'shape':>11s} {'batch':>5s} {'rht':>4s} {'ours ms':>9s} {'fp32 ms':>9s} {'bf16 ms':>9s} "
           f"{'fp32/ours':>9s} {'bf16/ours':>9s} {'ours GB/s':>9s}")
