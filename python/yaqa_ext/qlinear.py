@@ -171,8 +171,9 @@ class QuantizedLinear(nn.Module):
 
     def check_buffers(self, name: str, spec: dict, missing: Collection[str] = ()) -> None:
         """Raise ValueError, naming the module, unless every buffer matches ``spec`` (the recorded constructor
-        arguments) in presence (none in ``missing``, the buffers a loader did not find), shape and dtype, and scales, zero points, low-rank terms and column scales are
-        finite (scales and column scales > 0): what a loader must check before the layer computes anything."""
+        arguments) in presence (none in ``missing``, the buffers a loader did not find), shape and dtype, and
+        scales, zero points, low-rank terms and column scales are finite (scales and column scales > 0): what a
+        loader must check before the layer computes anything."""
         with torch.device("meta"):
             shell = QuantizedLinear(**spec)
         fix = "the folder's weights and its config.json disagree: re-save it with save_pretrained or quantize again"
