@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
-from yaqa_ext import IntQuantizer, block_ldl, ldlq_round  # noqa: E402
+from yaqa_ext import IntCodebook, block_ldl, ldlq_round  # noqa: E402
 
 
 def below_diagonal_blocks(L: torch.Tensor, t: int) -> torch.Tensor:
@@ -62,14 +62,14 @@ def main() -> None:
     print(f"ldlq_round two-sided, INT4 per-tensor, {t}x{t} tiles, torch {torch.__version__}")
     for device in args.devices:
         W, L_in, L_out = problem(args.compare, args.compare, t, device)
-        p = IntQuantizer(4).params(W)
+        p = IntCodebook(4).fit(W)
         ours = median_seconds(lambda: ldlq_round(W, L_in, L_out, quantizer=p, td_x=t, td_y=t), device, args.repeats)
         naive = median_seconds(lambda: naive_two_sided(W, L_in, L_out, p, t), device, 1, warmup=0)
         same = torch.equal(ldlq_round(W, L_in, L_out, quantizer=p, td_x=t, td_y=t).W_hat, naive_two_sided(W, L_in, L_out, p, t))
         print(f"{device_name(device)}: {args.compare}x{args.compare}: ours {1e3 * ours:.1f} ms, naive {1e3 * naive:.1f} ms, "
               f"ratio {naive / ours:.1f}x (identical result: {same})", flush=True)
         W, L_in, L_out = problem(args.alone, args.alone, t, device)
-        p = IntQuantizer(4).params(W)
+        p = IntCodebook(4).fit(W)
         alone = median_seconds(lambda: ldlq_round(W, L_in, L_out, quantizer=p, td_x=t, td_y=t), device, args.repeats)
         print(f"{device_name(device)}: {args.alone}x{args.alone}: ours {1e3 * alone:.1f} ms", flush=True)
 

@@ -19,17 +19,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
-from yaqa_ext.codebooks import QuantParams  # noqa: E402
+from yaqa_ext.codebooks import IntGrid  # noqa: E402
 from yaqa_ext.hadamard import RHT  # noqa: E402
 from yaqa_ext.qlinear import QuantizedLinear  # noqa: E402
+from yaqa_ext.rounding import Rounded  # noqa: E402
 
 
 def layer(m: int, n: int, bits: int, rht: bool, device: str) -> QuantizedLinear:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 2**bits, (m, n), generator=g).to(torch.uint8)
-    params = QuantParams(scales=(torch.rand(m, 1, generator=g) + 0.01).half().float(),
-                         zeros=torch.full((m, 1), (2**bits - 1) / 2), bits=bits, group_size=n)
-    return QuantizedLinear.from_rounding(codes, params, RHT(m, n, seed=0) if rht else None, None).to(device)
+    grid = IntGrid(scales=(torch.rand(m, 1, generator=g) + 0.01).half().float(),
+                   zeros=torch.full((m, 1), (2**bits - 1) / 2), bits=bits, group_size=n)
+    rounded = Rounded(grid.decode(codes), codes)
+    return QuantizedLinear.from_rounding(rounded, grid, RHT(m, n, seed=0) if rht else None, None).to(device)
 
 
 def generate_speed(model_name: str, bits: int, new_tokens: int, repeats: int) -> None:

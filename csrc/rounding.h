@@ -21,21 +21,35 @@
 
 namespace yaqa {
 
-// The scalar grid quantiser: code = clamp(round_half_even(x / s + z), 0, 2^bits - 1), value =
-// (code - z) * s, with a scale s and a zero point z per (row, column group). The one interface a
-// codebook implements: the nearest code of a value, and the value of a code.
-struct ScalarGrid {
+// Codebook policies. The rounding loops (CPU and CUDA) are written once over a policy, the way sketch.h is
+// written over a BLAS policy: a policy codes kUnitRows x kUnitCols weights jointly and provides
+//   round_unit(x, ldx, row, col, value, ldv, codes): the nearest codeword of the unit whose top-left weight is
+//     (row, col), from the targets x (row stride ldx); writes its values (row stride ldv) and its code(s) into
+//     the codes matrix (one Code per unit, at [row / kUnitRows, col / kUnitCols] of a (m / kUnitRows) x
+//     (n / kUnitCols) matrix).
+// Values must be exactly what decoding the code gives, so that E = W - W_hat is the true error.
+
+// The scalar INT grid: code = clamp(round_half_even(x / s + z), 0, 2^bits - 1), value = (code - z) * s, with a
+// scale s and a zero point z per (row, column group).
+struct IntGridPolicy {
+  static constexpr int64_t kUnitRows = 1, kUnitCols = 1;
+  using Code = uint8_t;
+  const float* scales;  // (m, groups)
+  const float* zeros;   // (m, groups)
+  int64_t n, groups, group_size;
   float max_code;
-  C10_HOST_DEVICE float code(float x, float s, float z) const {
-    const float q = nearbyintf(x / s + z);
-    return fminf(fmaxf(q, 0.0f), max_code);
-  }
-  C10_HOST_DEVICE float value(float q, float s, float z) const {
+
+  C10_HOST_DEVICE void round_unit(const float* x, int64_t /*ldx*/, int64_t row, int64_t col, float* value,
+                                  int64_t /*ldv*/, Code* codes) const {
+    const int64_t gi = row * groups + col / group_size;
+    const float s = scales[gi], z = zeros[gi];
+    const float q = fminf(fmaxf(nearbyintf(x[0] / s + z), 0.0f), max_code);
 #ifdef __CUDA_ARCH__
-    return __fmul_rn(q - z, s);  // never fused into a caller's subtraction: E = W - W_hat exactly
+    value[0] = __fmul_rn(q - z, s);  // never fused into a caller's subtraction: E = W - W_hat exactly
 #else
-    return (q - z) * s;
+    value[0] = (q - z) * s;
 #endif
+    codes[row * n + col] = static_cast<Code>(q);
   }
 };
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -103,18 +105,20 @@ def strictly_block_lower(L: Tensor, b: int) -> Tensor:
     return torch.where(blk[:, None] > blk[None, :], L, torch.zeros_like(L))
 
 
-def ldlq_reference(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales: Tensor, zeros: Tensor, bits: int,
-                   group_size: int, td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
-    """The two-sided tile rule written naively: tiles in anti-diagonal wavefronts from the bottom-right,
-    each tile's feedback E L_in + L_out^T E + L_out^T E L_in recomputed from full products in fp64."""
+def tile_ldlq_reference(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, td_x: int, td_y: int,
+                        round_tile: Callable[[Tensor, slice, slice], tuple[Tensor, Tensor]],
+                        code_shape: tuple[int, int], code_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The two-sided tile rule written naively for any codebook: tiles in anti-diagonal wavefronts from the
+    bottom-right, each tile's feedback E L_in + L_out^T E + L_out^T E L_in recomputed from full products in
+    fp64, then ``round_tile(x, rows, cols) -> (values, codes)`` of the tile's fp32 target; codes of a tile
+    are written at ``codes[rows, cols // (n / code_shape[1])]`` scaled to the codes' shape."""
     m, n = W.shape
     Li = torch.zeros(n, n, dtype=torch.float64) if L_in is None else strictly_block_lower(L_in.double(), td_y)
     Lo = torch.zeros(m, m, dtype=torch.float64) if L_out is None else strictly_block_lower(L_out.double(), td_x)
-    s = scales.repeat_interleave(group_size, 1)
-    z = zeros.repeat_interleave(group_size, 1)
+    per_code = n // code_shape[1]
     E = torch.zeros(m, n, dtype=torch.float64)
     W_hat = torch.zeros(m, n, dtype=torch.float32)
-    codes = torch.zeros(m, n, dtype=torch.uint8)
+    codes = torch.zeros(code_shape, dtype=code_dtype)
     mt, nt = m // td_x, n // td_y
     for w in range(mt + nt - 2, -1, -1):
         for i in range(mt):
@@ -124,11 +128,22 @@ def ldlq_reference(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales:
             rows, cols = slice(i * td_x, (i + 1) * td_x), slice(j * td_y, (j + 1) * td_y)
             F = E @ Li + Lo.T @ E + Lo.T @ E @ Li
             x = (W[rows, cols].double() + F[rows, cols]).float()
-            q = torch.round(x / s[rows, cols] + z[rows, cols]).clamp(0, 2**bits - 1)
-            codes[rows, cols] = q.to(torch.uint8)
-            W_hat[rows, cols] = (q - z[rows, cols]) * s[rows, cols]
+            W_hat[rows, cols], codes[rows, cols.start // per_code:cols.stop // per_code] = round_tile(x, rows, cols)
             E[rows, cols] = W[rows, cols].double() - W_hat[rows, cols].double()
     return W_hat, codes
+
+
+def ldlq_reference(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales: Tensor, zeros: Tensor, bits: int,
+                   group_size: int, td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
+    """:func:`tile_ldlq_reference` on the INT grid ``clamp(round(x / s + z), 0, 2^bits - 1)``."""
+    s = scales.repeat_interleave(group_size, 1)
+    z = zeros.repeat_interleave(group_size, 1)
+
+    def round_tile(x: Tensor, rows: slice, cols: slice) -> tuple[Tensor, Tensor]:
+        q = torch.round(x / s[rows, cols] + z[rows, cols]).clamp(0, 2**bits - 1)
+        return (q - z[rows, cols]) * s[rows, cols], q.to(torch.uint8)
+
+    return tile_ldlq_reference(W, L_in, L_out, td_x, td_y, round_tile, tuple(W.shape), torch.uint8)
 
 
 def gptq_reference(W: Tensor, H: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from yaqa_ext import ops
-from yaqa_ext.qlinear import pack_codes
+from yaqa_ext.bitpack import pack_codes
 
 
 def packed_weight(m: int, n: int, bits: int, group_size: int, rows: int, seed: int = 0):
@@ -81,14 +81,15 @@ def test_opcheck(tokens):
 
 def test_compiled_quantized_layer_matches_eager():
     """torch.compile traces the layer through the fake kernel and runs the real one: the same outputs."""
-    from yaqa_ext.codebooks import QuantParams
+    from yaqa_ext.codebooks import IntGrid
     from yaqa_ext.hadamard import RHT
     from yaqa_ext.qlinear import QuantizedLinear
+    from yaqa_ext.rounding import Rounded
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (32, 64), generator=g).to(torch.uint8)
-    params = QuantParams(bits=4, group_size=64, scales=torch.full((32, 1), 0.125), zeros=torch.full((32, 1), 7.5))
-    layer = QuantizedLinear.from_rounding(codes, params, RHT(32, 64, seed=1), torch.randn(32, generator=g))
+    params = IntGrid(bits=4, group_size=64, scales=torch.full((32, 1), 0.125), zeros=torch.full((32, 1), 7.5))
+    layer = QuantizedLinear.from_rounding(Rounded(params.decode(codes), codes), params, RHT(32, 64, seed=1), torch.randn(32, generator=g))
     x = torch.randn(3, 64, generator=g)
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-6, atol=1e-6)
     dense = x @ layer.weight_matrix().T + layer.bias  # the layer's effective weight, dequantized in plain PyTorch
@@ -98,14 +99,15 @@ def test_compiled_quantized_layer_matches_eager():
 def test_cached_rht_follows_its_sign_buffers():
     """The unpacked sign vectors are cached; writing a sign buffer in place (or loading new ones) must not
     leave the layer computing with the old ones: compared with a fresh layer built from the same state."""
-    from yaqa_ext.codebooks import QuantParams
+    from yaqa_ext.codebooks import IntGrid
     from yaqa_ext.hadamard import RHT
     from yaqa_ext.qlinear import QuantizedLinear
+    from yaqa_ext.rounding import Rounded
 
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 4, (16, 32), generator=g).to(torch.uint8)
-    params = QuantParams(bits=2, group_size=32, scales=torch.full((16, 1), 0.25), zeros=torch.full((16, 1), 1.5))
-    layer = QuantizedLinear.from_rounding(codes, params, RHT(16, 32, seed=2), None)
+    params = IntGrid(bits=2, group_size=32, scales=torch.full((16, 1), 0.25), zeros=torch.full((16, 1), 1.5))
+    layer = QuantizedLinear.from_rounding(Rounded(params.decode(codes), codes), params, RHT(16, 32, seed=2), None)
     x = torch.randn(2, 32, generator=g)
     before = layer(x)
     layer.sign_in ^= 0b1011  # flip a few input signs in place

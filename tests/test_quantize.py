@@ -12,9 +12,9 @@ from conftest import TINY_ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 import yaqa_ext  # noqa: F401  (registers the "yaqa" quantization method with transformers)
-from yaqa_ext import IntQuantizer, QuantConfig, QuantizedLinear, RHT, evaluate, quantize, round_to_nearest
+from yaqa_ext import IntCodebook, QuantConfig, QuantizedLinear, RHT, evaluate, quantize, round_to_nearest
 from yaqa_ext.hessians import collect_hessians, find_targets
-from yaqa_ext.qlinear import pack_codes, unpack_codes
+from yaqa_ext.bitpack import pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -40,9 +40,9 @@ def test_quantized_linear_is_x_w_hat(rht, granularity):
     W = linear.weight.detach()
     transform = RHT(m, n, seed=3) if rht else None
     Wt = transform.transform_weight(W) if rht else W
-    params = IntQuantizer(3, granularity=granularity, group_size=16).params(Wt)
+    params = IntCodebook(3, granularity=granularity, group_size=16).fit(Wt)
     rounded = round_to_nearest(Wt, params)
-    layer = QuantizedLinear.from_rounding(rounded.codes, params, transform, linear.bias)
+    layer = QuantizedLinear.from_rounding(rounded, params, transform, linear.bias)
     assert torch.equal(layer.dequantized_weight(), rounded.W_hat)  # exactly the rounding result
     effective = transform.inverse_weight(rounded.W_hat.double()) if rht else rounded.W_hat.double()
     x = torch.randn(4, 9, n)
@@ -57,8 +57,8 @@ def test_quantized_linear_input_gradient_matches_dense_twin():
     linear = torch.nn.Linear(n, m)
     transform = RHT(m, n, seed=5)
     Wt = transform.transform_weight(linear.weight.detach())
-    params = IntQuantizer(3).params(Wt)
-    layer = QuantizedLinear.from_rounding(round_to_nearest(Wt, params).codes, params, transform, linear.bias)
+    params = IntCodebook(3).fit(Wt)
+    layer = QuantizedLinear.from_rounding(round_to_nearest(Wt, params), params, transform, linear.bias)
     x = torch.randn(4, n, requires_grad=True)
     g = torch.randn(4, m)
     layer(x).backward(g)
@@ -72,15 +72,15 @@ def test_bits_per_weight_accounting():
     m, n = 172, 64
     W = torch.randn(m, n)
     cases = [  # quantizer, rows of scales, rows of zeros, groups
-        (IntQuantizer(2, granularity="tensor"), 1, 1, 1),
-        (IntQuantizer(3), m, 1, 1),
-        (IntQuantizer(4, symmetric=False, granularity="group", group_size=16), m, m, 4),
+        (IntCodebook(2, granularity="tensor"), 1, 1, 1),
+        (IntCodebook(3), m, 1, 1),
+        (IntCodebook(4, symmetric=False, granularity="group", group_size=16), m, m, 4),
     ]
     for quantizer, scale_rows, zero_rows, groups in cases:
         rht = RHT(m, n) if quantizer.granularity == "tensor" else None
         Wt = rht.transform_weight(W) if rht else W
-        p = quantizer.params(Wt)
-        layer = QuantizedLinear.from_rounding(round_to_nearest(Wt, p).codes, p, rht, None)
+        p = quantizer.fit(Wt)
+        layer = QuantizedLinear.from_rounding(round_to_nearest(Wt, p), p, rht, None)
         stored_bits = m * math.ceil(n / 8) * quantizer.bits * 8 + (scale_rows + zero_rows) * groups * 16
         if rht is not None:
             stored_bits += (math.ceil(m / 8) + math.ceil(n / 8)) * 8
@@ -268,7 +268,7 @@ def test_bad_configurations(stories, stories_factors, tmp_path):
         QuantConfig(bits=5)
     with pytest.raises(ValueError, match="method must be one of"):
         QuantConfig(method="gptq")
-    with pytest.raises(ValueError, match="quantizer must be 'int'"):
+    with pytest.raises(ValueError, match=r"quantizer must be a registered codebook, one of \['int'\], got 'e8p'"):
         QuantConfig(quantizer="e8p")
     with pytest.raises(ValueError, match="group_size 128 does not divide the 64 input columns"):
         quantize(copy.deepcopy(model), QuantConfig(method="rtn", group_size=128, rht=False), progress=False)
@@ -311,7 +311,7 @@ def test_tampered_folder_refuses_to_load(tmp_path, tamper):
     name = "model.layers.1.mlp.down_proj"
     if tamper == "bits":
         config = json.loads((tmp_path / "config.json").read_text())
-        config["quantization_config"]["modules"][name]["bits"] = 3
+        config["quantization_config"]["modules"][name]["layout"]["bits"] = 3
         (tmp_path / "config.json").write_text(json.dumps(config))
     else:
         tensors = load_file(tmp_path / "model.safetensors")
@@ -320,10 +320,49 @@ def test_tampered_folder_refuses_to_load(tmp_path, tamper):
         else:
             del tensors[f"{name}.{tamper.removeprefix('missing_')}"]
         save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    expected = {"bits": r"down_proj\.qweight is torch.uint8 \(\d+, \d+\) but .*\(3-bit.* needs torch.uint8 \(\d+, \d+\)",
+    expected = {"bits": r"down_proj\.qweight is torch.uint8 \(\d+, \d+\) but the config's layer \(int \{'bits': 3.* needs torch.uint8 \(\d+, \d+\)",
                 "nan_scale": r"down_proj\.scales holds non-positive, NaN or infinite values",
                 "missing_qweight": r"down_proj\.qweight is missing", "missing_scales": r"down_proj\.scales is missing"}
     with pytest.raises(ValueError, match=expected[tamper]):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def _edit_modules(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["modules"] = {k: edit(v) for k, v in config["quantization_config"]["modules"].items()}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_saved_format_versions(tmp_path):
+    """A folder saved before codebooks had names (format 0: the INT layout's keys at the top level of each
+    module's spec, no codebook or version) loads with identical logits; a format this version does not know is
+    refused with a message naming it."""
+    model = tiny_model("llama")
+    quantize(model, QuantConfig(method="rtn", bits=3, group_size=8), progress=False)
+    model.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens).logits
+
+    def format0(spec: dict) -> dict:
+        old = {k: v for k, v in spec.items() if k not in ("codebook", "format_version", "layout")}
+        return {**old, **spec["layout"]}
+
+    _edit_modules(tmp_path, format0)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "codebook" not in next(iter(config["quantization_config"]["modules"].values()))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    layer = loaded.model.layers[0].mlp.down_proj
+    assert layer.codebook == "int" and layer.layout == {"bits": 3, "group_size": 8, "scale_rows": 16, "zero_rows": 1}
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, want)
+    model.save_pretrained(tmp_path)
+    _edit_modules(tmp_path, lambda spec: {**spec, "format_version": 99})
+    with pytest.raises(ValueError, match="codebook 'int': the saved layer has format version 99; this yaqa_ext reads "
+                                         "version 1"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    _edit_modules(tmp_path, lambda spec: {**spec, "codebook": "e8p", "format_version": 1})
+    with pytest.raises(ValueError, match=r"unknown codebook 'e8p': the registered ones are \['int'\]"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -352,3 +391,43 @@ def test_bf16_model_round_trip(tmp_path):
         # the same weights rounded once more to bf16 and a bf16 matmul instead of the RHT path: a couple of bf16
         # steps (2^-9 at logits ~0.3) of difference; the quantization itself moves logits by ~7e-3
         torch.testing.assert_close(dense(tokens).logits.float(), logits.float(), rtol=0, atol=4e-3)
+
+
+def test_quantize_leaves_the_callers_config_alone(stories):
+    """The config records each layer's shape in a copy (the model's), never in the caller's object, which can be
+    reused for another model."""
+    model, _ = stories
+    config = QuantConfig(method="rtn", bits=4)
+    before = config.to_dict()
+    report = quantize(copy.deepcopy(model), config, progress=False)
+    assert config.to_dict() == before and config.modules == {}
+    assert report.config is not config and len(report.config.modules) == len(report.layers) == 35
+    assert {**report.config.to_dict(), "modules": {}} == before
+
+
+def test_a_registered_method_drives_quantize_pipeline_and_cli(stories, stories_factors):
+    """A method registered from outside the package (here GPTQ-style one-sided feedback read from a Sketch B
+    collection's H_in) is accepted by QuantConfig, rounds as its feedback says (the same codes as 'ldlq' on the
+    same factors), and appears among the pipeline's experiments and the CLI's choices."""
+    from yaqa_ext import cli
+    from yaqa_ext.methods import METHODS, Method, pipeline_methods, register_method
+
+    model, _ = stories
+    register_method(Method("gptq-b", "one-sided, H_in of a Sketch B collection", (True, False), ("B",), "B",
+                           {"gptq-B": "B"}))
+    try:
+        ours, ldlq = copy.deepcopy(model), copy.deepcopy(model)
+        quantize(ours, QuantConfig(method="gptq-b", bits=3), hessians=stories_factors, progress=False)
+        quantize(ldlq, QuantConfig(method="ldlq", bits=3), hessians=stories_factors, progress=False)
+        for (name, a), b in zip(ours.named_modules(), ldlq.modules()):
+            if isinstance(a, QuantizedLinear):
+                assert torch.equal(a.qweight, b.qweight), name
+        assert pipeline_methods()["gptq-B"] == ("gptq-b", "B")
+        with pytest.raises(SystemExit):
+            cli._parser().parse_args(["quantize", "--out", "x", "--method", "nope"])
+        assert cli._parser().parse_args(["quantize", "--out", "x", "--method", "gptq-b"]).method == "gptq-b"
+        with pytest.raises(ValueError, match=r"method 'gptq-b' rounds with factors of the sketches \('B',\), not 'A'"):
+            quantize(copy.deepcopy(model), QuantConfig(method="gptq-b"), data=["some text"], sketch="A",
+                     tokenizer=stories[1], progress=False)
+    finally:
+        del METHODS["gptq-b"]

@@ -7,7 +7,7 @@ import torch
 from reference import gptq_reference, ldlq_reference
 
 import yaqa_ext
-from yaqa_ext import IntQuantizer, block_ldl, ldlq_round, proxy_loss, round_to_nearest
+from yaqa_ext import IntCodebook, block_ldl, ldlq_round, proxy_loss, round_to_nearest
 from yaqa_ext import ops
 
 
@@ -27,19 +27,19 @@ def ldl_factor(H: torch.Tensor, b: int) -> torch.Tensor:
 
 CASES = [
     # m, n, td_x, td_y, quantizer
-    (32, 48, 8, 8, IntQuantizer(2)),
-    (64, 64, 16, 16, IntQuantizer(3)),
-    (48, 32, 8, 16, IntQuantizer(4, symmetric=False, granularity="channel")),
-    (16, 64, 4, 4, IntQuantizer(2, symmetric=False, granularity="group", group_size=16)),
-    (24, 40, 8, 1, IntQuantizer(8, granularity="group", group_size=8)),
+    (32, 48, 8, 8, IntCodebook(2)),
+    (64, 64, 16, 16, IntCodebook(3)),
+    (48, 32, 8, 16, IntCodebook(4, symmetric=False, granularity="channel")),
+    (16, 64, 4, 4, IntCodebook(2, symmetric=False, granularity="group", group_size=16)),
+    (24, 40, 8, 1, IntCodebook(8, granularity="group", group_size=8)),
     # n > 128: several of the CPU kernel's lazy-update groups (128 columns), the last one partial
-    (32, 272, 16, 16, IntQuantizer(2)),
-    (16, 200, 8, 8, IntQuantizer(3, symmetric=False, granularity="group", group_size=40)),
+    (32, 272, 16, 16, IntCodebook(2)),
+    (16, 200, 8, 8, IntCodebook(3, symmetric=False, granularity="group", group_size=40)),
     # m > 128: several of the CPU kernel's lazy groups of row blocks, the last one partial
-    (200, 24, 8, 8, IntQuantizer(2)),
-    (136, 16, 2, 4, IntQuantizer(3, granularity="channel")),
+    (200, 24, 8, 8, IntCodebook(2)),
+    (136, 16, 2, 4, IntCodebook(3, granularity="channel")),
     # wide tiles: the CUDA kernel stages fewer rows of L_out per step to stay in shared memory
-    (4, 512, 1, 512, IntQuantizer(2)),
+    (4, 512, 1, 512, IntCodebook(2)),
 ]
 
 
@@ -50,10 +50,10 @@ def test_codes_identical_to_naive_tile_rule(device, m, n, td_x, td_y, quantizer,
     W = torch.randn(m, n, generator=g)
     L_in = ldl_factor(correlated_factor(n, 1), td_y) if sides != "output" else None
     L_out = ldl_factor(correlated_factor(m, 2), td_x) if sides != "input" else None
-    p = quantizer.params(W)
+    p = quantizer.fit(W)
     ours = ldlq_round(
         W.to(device), None if L_in is None else L_in.to(device), None if L_out is None else L_out.to(device),
-        quantizer=yaqa_ext.QuantParams(p.scales.to(device), p.zeros.to(device), p.bits, p.group_size),
+        quantizer=yaqa_ext.IntGrid(p.scales.to(device), p.zeros.to(device), p.bits, p.group_size),
         td_x=td_x, td_y=td_y,
     )
     ref_W_hat, ref_codes = ldlq_reference(W, L_in, L_out, p.scales, p.zeros, p.bits, p.group_size, td_x, td_y)
@@ -73,25 +73,25 @@ def test_one_sided_equals_classic_gptq(device, seed):
     X = torch.randn(200, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
     H = X.T @ X
     H = H / H.diagonal().mean() + 1e-2 * torch.eye(n, dtype=torch.float64)
-    p = IntQuantizer(3, granularity="group", group_size=16).params(W)
+    p = IntCodebook(3, granularity="group", group_size=16).fit(W)
     ours = ldlq_round(W.to(device), block_ldl(H.to(device), 1).L, None,
-                      quantizer=yaqa_ext.QuantParams(p.scales.to(device), p.zeros.to(device), 3, 16), td_x=8, td_y=1)
+                      quantizer=yaqa_ext.IntGrid(p.scales.to(device), p.zeros.to(device), 3, 16), td_x=8, td_y=1)
     assert torch.equal(ours.codes.cpu(), gptq_reference(W, H, p.scales, p.zeros, 3, 16))
 
 
 def test_w_hat_is_exactly_the_dequantised_codes(device):
     W = torch.randn(64, 128, device=device)
-    q = IntQuantizer(4, symmetric=False, granularity="group", group_size=32)
-    p = q.params(W)
+    q = IntCodebook(4, symmetric=False, granularity="group", group_size=32)
+    p = q.fit(W)
     res = ldlq_round(W, ldl_factor(correlated_factor(128, 3), 16).to(device), None, quantizer=p)
-    assert torch.equal(res.W_hat, p.dequantize(res.codes))
+    assert torch.equal(res.W_hat, p.decode(res.codes))
 
 
 def test_identity_output_factor_is_one_sided(device):
     W = torch.randn(32, 64, device=device)
     L_in = ldl_factor(correlated_factor(64, 4), 16).to(device)
     L_out_identity = block_ldl(torch.eye(32, device=device), 16).L  # H_O = I
-    q = IntQuantizer(2)
+    q = IntCodebook(2)
     two = ldlq_round(W, L_in, L_out_identity, quantizer=q)
     one = ldlq_round(W, L_in, None, quantizer=q)
     assert torch.equal(two.codes, one.codes)
@@ -99,7 +99,7 @@ def test_identity_output_factor_is_one_sided(device):
 
 def test_identity_factors_are_round_to_nearest(device):
     W = torch.randn(32, 64, device=device)
-    q = IntQuantizer(3, granularity="channel")
+    q = IntCodebook(3, granularity="channel")
     rtn = round_to_nearest(W, q).codes
     assert torch.equal(ldlq_round(W, torch.eye(64, device=device), None, quantizer=q).codes, rtn)
     assert torch.equal(ldlq_round(W, None, None, quantizer=q).codes, rtn)
@@ -126,7 +126,7 @@ def test_two_sided_beats_one_sided_and_rtn_on_proxy_loss():
         W = torch.randn(m, n, generator=torch.Generator().manual_seed(100 + seed))
         H_in, H_out = correlated_factor(n, seed), correlated_factor(m, 1000 + seed)
         L_in, L_out = ldl_factor(H_in, t), ldl_factor(H_out, t)
-        p = IntQuantizer(2).params(W)
+        p = IntCodebook(2).fit(W)
         loss = {
             name: proxy_loss(r.W_hat - W, H_in, H_out)
             for name, r in (
@@ -144,7 +144,7 @@ def test_two_sided_beats_one_sided_and_rtn_on_proxy_loss():
 def test_bad_inputs(device):
     W = torch.randn(32, 48, device=device)
     L = torch.eye(48, device=device)
-    p = IntQuantizer(4).params(W)
+    p = IntCodebook(4).fit(W)
     args = dict(scales=p.scales, zeros=p.zeros, bits=4, group_size=48, td_x=16, td_y=16)
 
     def call(**over):
@@ -182,13 +182,13 @@ def test_bad_inputs(device):
         call(zeros=torch.full_like(p.zeros, float("nan")))
     with pytest.raises(ValueError, match="td_x \\* td_y <= 1024"):
         call(td_x=32, td_y=48)
-    with pytest.raises(TypeError, match="quantizer must be a Quantizer or QuantParams"):
+    with pytest.raises(TypeError, match="quantizer must be a Codebook or a Grid"):
         ldlq_round(W, L, quantizer=4)
 
 
 def test_opcheck(device):
     W = torch.randn(16, 32, device=device)
-    p = IntQuantizer(2, granularity="group", group_size=16).params(W)
+    p = IntCodebook(2, granularity="group", group_size=16).fit(W)
     L_in = ldl_factor(correlated_factor(32, 5), 8).to(device)
     L_out = ldl_factor(correlated_factor(16, 6), 8).to(device)
     torch.library.opcheck(torch.ops.yaqa.ldlq_round.default, (W, L_in, L_out, p.scales, p.zeros, 2, 16, 8, 8))
@@ -202,10 +202,10 @@ def test_cuda_matches_cpu_large():
     m, n = 512, 768
     W = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
     L_in, L_out = ldl_factor(correlated_factor(n, 7), 16), ldl_factor(correlated_factor(m, 8), 16)
-    p = IntQuantizer(2).params(W)
+    p = IntCodebook(2).fit(W)
     cpu = ldlq_round(W, L_in, L_out, quantizer=p)
     gpu = ldlq_round(W.cuda(), L_in.cuda(), L_out.cuda(),
-                     quantizer=yaqa_ext.QuantParams(p.scales.cuda(), p.zeros.cuda(), 2, n))
+                     quantizer=yaqa_ext.IntGrid(p.scales.cuda(), p.zeros.cuda(), 2, n))
     # fp32 feedback summed in another order: a handful of boundary ties may flip (and propagate a
     # little); the proxy losses must agree closely.
     mismatch = (gpu.codes.cpu() != cpu.codes).float().mean().item()

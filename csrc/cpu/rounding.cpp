@@ -1,7 +1,8 @@
 // Two-sided LDLQ on the CPU (see rounding.h). Row blocks are rounded bottom-up; each starts from the
 // output-side feedback R_i = sum_{i' > i} L_out[i', i]^T G_i', then its tiles are rounded right to
 // left with GPTQ-style lazy updates of the input-side feedback: exact within a group of tiles, and
-// one GEMM for the columns left of the group once it is done. R_i is built lazily as well.
+// one GEMM for the columns left of the group once it is done. R_i is built lazily as well. The loop is one
+// template over the codebook policy (rounding.h), which rounds each tile unit by unit.
 #include <torch/library.h>
 
 #include <vector>
@@ -10,28 +11,23 @@
 #include "../rounding.h"
 
 namespace yaqa {
+namespace {
 
-std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in_t,
-                                                  const std::optional<at::Tensor>& L_out_t, const at::Tensor& scales_t,
-                                                  const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
-                                                  int64_t td_x, int64_t td_y) {
-  const auto [m, n, groups] = check_ldlq_args(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
-  const at::Tensor W = W_in.contiguous();
-  const at::Tensor L_in = L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor();
-  const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
-  at::Tensor W_hat = at::empty({m, n}, W.options());
-  at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
+// Rounds W (m x n, contiguous fp32) into W_hat and the codebook's codes cd; L_in / L_out contiguous or undefined.
+template <class Codebook>
+void ldlq_round_loop(const Codebook& book, const at::Tensor& W, const at::Tensor& L_in, const at::Tensor& L_out,
+                     at::Tensor& W_hat, typename Codebook::Code* cd, int64_t td_x, int64_t td_y) {
+  static_assert(Codebook::kUnitRows >= 1 && Codebook::kUnitCols >= 1, "a codebook unit has at least one weight");
+  TORCH_CHECK_VALUE(td_x % Codebook::kUnitRows == 0 && td_y % Codebook::kUnitCols == 0, "ldlq_round: tiles of ", td_x,
+                    " x ", td_y, " are not made of the codebook's ", Codebook::kUnitRows, " x ", Codebook::kUnitCols,
+                    " units; choose td_x, td_y multiples of them");
+  const int64_t m = W.size(0), n = W.size(1);
   // G = E (I + L_in) for finished row blocks; only needed when there is output-side feedback.
-  at::Tensor G = L_out_t.has_value() ? at::zeros({m, n}, W.options()) : at::Tensor();
-  const at::Tensor L_out = L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor();
-
-  const ScalarGrid grid{static_cast<float>((1 << bits) - 1)};
+  at::Tensor G = L_out.defined() ? at::zeros({m, n}, W.options()) : at::Tensor();
   const float* w = W.data_ptr<float>();
   const float* lin = L_in.defined() ? L_in.data_ptr<float>() : nullptr;
-  const float* s = scales.data_ptr<float>();
-  const float* z = zeros.data_ptr<float>();
   float* wh = W_hat.data_ptr<float>();
-  uint8_t* cd = codes.data_ptr<uint8_t>();
+  std::vector<float> target(td_x * td_y);  // W + feedback of the current tile
   const int64_t n_tiles = n / td_y;
   const int64_t lazy = std::max<int64_t>(1, 128 / td_y);  // tiles per lazy group
 
@@ -71,16 +67,18 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const 
       for (int64_t j = g_end - 1; j >= g_begin; --j) {
         const int64_t c0 = j * td_y;
         for (int64_t r = 0; r < td_x; ++r) {
-          const int64_t row = r0 + r;
-          for (int64_t c = c0; c < c0 + td_y; ++c) {
-            const int64_t gi = row * groups + c / group_size;
-            const float x = w[row * n + c] + a[r * n + c];
-            const float q = grid.code(x, s[gi], z[gi]);
-            const float v = grid.value(q, s[gi], z[gi]);
-            cd[row * n + c] = static_cast<uint8_t>(q);
-            wh[row * n + c] = v;
-            e[r * n + c] = w[row * n + c] - v;
+          for (int64_t c = 0; c < td_y; ++c) target[r * td_y + c] = w[(r0 + r) * n + c0 + c] + a[r * n + c0 + c];
+        }
+        for (int64_t r = 0; r < td_x; r += Codebook::kUnitRows) {
+          for (int64_t c = 0; c < td_y; c += Codebook::kUnitCols) {
+            book.round_unit(target.data() + r * td_y + c, td_y, r0 + r, c0 + c, wh + (r0 + r) * n + c0 + c, n, cd);
           }
+        }
+        // The tile's rows: errors, then the exact update of the columns of this group left of the tile (a row's
+        // update only touches its own columns < c0, which no other row of the tile reads).
+        for (int64_t r = 0; r < td_x; ++r) {
+          const int64_t row = r0 + r;
+          for (int64_t c = c0; c < c0 + td_y; ++c) e[r * n + c] = w[row * n + c] - wh[row * n + c];
           // Exact update of the columns of this group left of the tile: acc += e_tile L_in[tile, :].
           float* arow = a + r * n;
           for (int64_t k = c0; lin != nullptr && k < c0 + td_y; ++k) {
@@ -102,6 +100,23 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const 
       if (R.defined()) Gi.sub_(R);
     }
   }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in,
+                                                  const std::optional<at::Tensor>& L_out, const at::Tensor& scales_t,
+                                                  const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
+                                                  int64_t td_x, int64_t td_y) {
+  const auto [m, n, groups] = check_ldlq_args(W_in, L_in, L_out, scales_t, zeros_t, bits, group_size, td_x, td_y);
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
+  at::Tensor W_hat = at::empty({m, n}, W.options());
+  at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
+  const IntGridPolicy book{scales.data_ptr<float>(), zeros.data_ptr<float>(), n, groups, group_size,
+                           static_cast<float>((1 << bits) - 1)};
+  ldlq_round_loop(book, W, L_in.has_value() ? L_in->contiguous() : at::Tensor(),
+                  L_out.has_value() ? L_out->contiguous() : at::Tensor(), W_hat, codes.data_ptr<uint8_t>(), td_x, td_y);
   return {W_hat, codes};
 }
 

@@ -2,7 +2,8 @@
 // bottom-right tile to the top-left one; the tiles of a wavefront are independent, one thread
 // block each, one thread per tile element. For tile (i, j) a block
 //   1. reduces the output-side feedback sum_{i' > i} L_out[i', i]^T G_i'j through shared memory,
-//   2. rounds W_ij + G_ij + that feedback with the grid quantiser, writing codes and W_hat,
+//   2. rounds W_ij + G_ij + that feedback with the codebook policy (rounding.h), one thread per codebook unit,
+//      writing codes and W_hat,
 //   3. adds its error to row block i of G = E (I + L_in): G[i, :c0] += e L_in[j, :c0], G_ij += e.
 // Within a wavefront, step 3 of a tile writes columns < c0 + td_y of its own row block, which no
 // other tile of that wavefront reads (they read row blocks below theirs at column blocks to the
@@ -22,22 +23,22 @@ namespace {
 constexpr int64_t kMaxChunk = 32;             // rows of L_out / G staged in shared memory per step
 constexpr int64_t kSmemFloats = 48 * 1024 / 4;  // stay within the default dynamic shared memory
 
+template <class Codebook>
 struct TileArgs {
   const float* W;
   const float* L_in;   // nullptr: no input-side feedback
   const float* L_out;  // nullptr: one-sided
-  const float* scales;
-  const float* zeros;
   float* G;
   float* W_hat;
-  uint8_t* codes;
-  int64_t m, n, groups, group_size, td_x, td_y;
+  typename Codebook::Code* codes;
+  int64_t m, n, td_x, td_y;
   int64_t chunk;               // rows staged per step of the output-side reduction
   int64_t wavefront, n_tiles;  // tiles on this wavefront have i + j == wavefront
-  ScalarGrid grid;
+  Codebook book;
 };
 
-__global__ void ldlq_wavefront_kernel(TileArgs p) {
+template <class Codebook>
+__global__ void ldlq_wavefront_kernel(TileArgs<Codebook> p) {
   extern __shared__ float smem[];
   const int64_t tx = p.td_x, ty = p.td_y;
   // Tile of this block: i + j == wavefront, i from the largest valid row block downwards.
@@ -67,19 +68,27 @@ __global__ void ldlq_wavefront_kernel(TileArgs p) {
     }
   }
 
-  // 2. Round the tile element; keep its error in shared memory for step 3.
-  float* se = smem;  // tx x ty (reuses the staging area)
+  // 2. The tile's targets into shared memory, rounded one codebook unit per thread; the errors stay in shared
+  //    memory for step 3 (in place of the targets).
+  float* sx = smem;            // tx x ty targets, then errors (reuses the staging area)
+  float* sv = smem + tx * ty;  // tx x ty values
+  const int64_t row = r0 + r, col = c0 + c;
   if (active) {
-    const int64_t row = r0 + r, col = c0 + c;
-    const int64_t gi = row * p.groups + col / p.group_size;
     const float feedback = (p.L_out != nullptr ? p.G[row * p.n + col] + acc : p.G[row * p.n + col]);
-    const float w = p.W[row * p.n + col];
-    const float x = w + feedback;
-    const float q = p.grid.code(x, p.scales[gi], p.zeros[gi]);
-    const float v = p.grid.value(q, p.scales[gi], p.zeros[gi]);
-    p.codes[row * p.n + col] = static_cast<uint8_t>(q);
+    sx[r * ty + c] = p.W[row * p.n + col] + feedback;
+  }
+  __syncthreads();
+  const int64_t unit_cols = ty / Codebook::kUnitCols;
+  if (t < (tx / Codebook::kUnitRows) * unit_cols) {
+    const int64_t ur = (t / unit_cols) * Codebook::kUnitRows, uc = (t % unit_cols) * Codebook::kUnitCols;
+    p.book.round_unit(sx + ur * ty + uc, ty, r0 + ur, c0 + uc, sv + ur * ty + uc, ty, p.codes);
+  }
+  __syncthreads();
+  float* se = sx;
+  if (active) {
+    const float v = sv[r * ty + c];
     p.W_hat[row * p.n + col] = v;
-    se[r * ty + c] = w - v;
+    se[r * ty + c] = p.W[row * p.n + col] - v;
   }
   __syncthreads();
 
@@ -98,6 +107,39 @@ __global__ void ldlq_wavefront_kernel(TileArgs p) {
   }
 }
 
+// Rounds W (m x n, contiguous fp32, on the current device) into W_hat and the codebook's codes.
+template <class Codebook>
+void launch_wavefronts(const Codebook& book, const at::Tensor& W, const at::Tensor& L_in, const at::Tensor& L_out,
+                       at::Tensor& W_hat, typename Codebook::Code* codes, int64_t td_x, int64_t td_y) {
+  TORCH_CHECK_VALUE(td_x % Codebook::kUnitRows == 0 && td_y % Codebook::kUnitCols == 0, "ldlq_round: tiles of ", td_x,
+                    " x ", td_y, " are not made of the codebook's ", Codebook::kUnitRows, " x ", Codebook::kUnitCols,
+                    " units; choose td_x, td_y multiples of them");
+  const int64_t m = W.size(0), n = W.size(1);
+  at::Tensor G = at::zeros({m, n}, W.options());
+  TileArgs<Codebook> p{W.data_ptr<float>(),
+                       L_in.defined() ? L_in.data_ptr<float>() : nullptr,
+                       L_out.defined() ? L_out.data_ptr<float>() : nullptr,
+                       G.data_ptr<float>(),
+                       W_hat.data_ptr<float>(),
+                       codes,
+                       m, n, td_x, td_y,
+                       std::clamp<int64_t>(kSmemFloats / (td_x + td_y), 1, kMaxChunk), 0, 0,
+                       book};
+  const int64_t mt = m / td_x, nt = n / td_y;
+  const int threads = static_cast<int>(((td_x * td_y + 31) / 32) * 32);
+  // td_x * td_y <= 1024 (checked): the targets and values (2 tiles) always fit; the staging area is sized to fit.
+  const size_t smem =
+      sizeof(float) * std::max<int64_t>(L_out.defined() ? p.chunk * (td_x + td_y) : 0, 2 * td_x * td_y);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t w = mt + nt - 2; w >= 0; --w) {
+    const int64_t i_lo = std::max<int64_t>(0, w - (nt - 1)), i_hi = std::min<int64_t>(w, mt - 1);
+    p.wavefront = w;
+    p.n_tiles = i_hi - i_lo + 1;
+    ldlq_wavefront_kernel<Codebook><<<static_cast<unsigned>(p.n_tiles), threads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in_t,
@@ -107,36 +149,14 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W_in, const
   const auto [m, n, groups] = check_ldlq_args(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const at::Tensor W = W_in.contiguous();
-  const at::Tensor L_in = L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor();
-  const at::Tensor L_out = L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor();
   const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
   at::Tensor W_hat = at::empty({m, n}, W.options());
   at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
-  at::Tensor G = at::zeros({m, n}, W.options());
-
-  TileArgs p{W.data_ptr<float>(),
-             L_in.defined() ? L_in.data_ptr<float>() : nullptr,
-             L_out.defined() ? L_out.data_ptr<float>() : nullptr,
-             scales.data_ptr<float>(),
-             zeros.data_ptr<float>(),
-             G.data_ptr<float>(),
-             W_hat.data_ptr<float>(),
-             codes.data_ptr<uint8_t>(),
-             m, n, groups, group_size, td_x, td_y,
-             std::clamp<int64_t>(kSmemFloats / (td_x + td_y), 1, kMaxChunk), 0, 0,
-             ScalarGrid{static_cast<float>((1 << bits) - 1)}};
-  const int64_t mt = m / td_x, nt = n / td_y;
-  const int threads = static_cast<int>(((td_x * td_y + 31) / 32) * 32);
-  // td_x * td_y <= 1024 (checked), so the error tile always fits; the staging area is sized to fit.
-  const size_t smem = sizeof(float) * std::max<int64_t>(L_out.defined() ? p.chunk * (td_x + td_y) : 0, td_x * td_y);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (int64_t w = mt + nt - 2; w >= 0; --w) {
-    const int64_t i_lo = std::max<int64_t>(0, w - (nt - 1)), i_hi = std::min<int64_t>(w, mt - 1);
-    p.wavefront = w;
-    p.n_tiles = i_hi - i_lo + 1;
-    ldlq_wavefront_kernel<<<static_cast<unsigned>(p.n_tiles), threads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const IntGridPolicy book{scales.data_ptr<float>(), zeros.data_ptr<float>(), n, groups, group_size,
+                           static_cast<float>((1 << bits) - 1)};
+  launch_wavefronts(book, W, L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor(),
+                    L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor(), W_hat, codes.data_ptr<uint8_t>(), td_x,
+                    td_y);
   return {W_hat, codes};
 }
 

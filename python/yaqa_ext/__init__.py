@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import ops
 from ._C import WITH_CUDA
-from .codebooks import IntQuantizer, QuantParams, Quantizer
+from .codebooks import Codebook, Grid, IntCodebook, IntGrid
 from .evaluation import EvalResult, evaluate
 from .hadamard import RHT, hadamard_matrix, hadamard_transform
 from .hessians import collect_hessians, load_hessians
@@ -21,12 +21,13 @@ __all__ = [
     "WITH_CUDA",
     "BlockLDL",
     "EvalResult",
-    "IntQuantizer",
+    "Codebook",
+    "Grid",
+    "IntCodebook",
+    "IntGrid",
     "QuantConfig",
-    "QuantParams",
     "QuantReport",
     "QuantizedLinear",
-    "Quantizer",
     "Rounded",
     "__version__",
     "block_ldl",

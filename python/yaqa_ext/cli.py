@@ -14,8 +14,8 @@ import torch
 
 from .fileio import publish_files
 from .lowrank import LOWRANK_METHODS
+from .methods import METHODS, pipeline_methods
 from .models import DEFAULT_MODEL
-from .pipeline import PIPELINE_METHODS
 
 __all__ = ["main"]
 
@@ -109,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                          "after `import yaqa_ext`, AutoModelForCausalLM.from_pretrained(OUT) loads it.")
     qua.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
     qua.add_argument("--out", type=_folder, required=True, help="output folder for the quantized model")
-    qua.add_argument("--method", choices=["yaqa", "ldlq", "rtn", "datafree"], default="yaqa",
-                     help="datafree: no calibration, proxy factors from partner layers' weights (default: %(default)s)")
+    qua.add_argument("--method", choices=list(METHODS), default="yaqa",
+                     help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + " (default: %(default)s)")
     qua.add_argument("--bits", type=int, default=2, help="2, 3, 4 or 8 (default: %(default)s)")
     qua.add_argument("--hessians", default=None, help="folder from `yaqa collect` (default: collect from --data first)")
     qua.add_argument("--data", default=None, help="calibration text when collecting (default: the shared calibration corpus)")
@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                          "perplexity on held-out text. Resumable: finished rows are kept in OUT/results.json.")
     run.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
     run.add_argument("--out", type=_folder, default=None, help="work folder (default: yaqa_out/<model name>)")
-    run.add_argument("--methods", nargs="+", default=list(PIPELINE_METHODS),
+    run.add_argument("--methods", nargs="+", default=list(pipeline_methods()),
                      help="each optionally with a low-rank term, e.g. yaqa-B+kl:8 or yaqa-B+qera-exact:32 "
                           "(default: %(default)s)")
     run.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], help="default: %(default)s")
@@ -200,7 +200,8 @@ def _quantize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     stale = _previous_output(out)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    data = None if args.method in ("rtn", "datafree") or args.hessians else (args.data or corpus_texts("calibration"))
+    needs_data = METHODS[args.method].needs_data and not args.hessians
+    data = (args.data or corpus_texts("calibration")) if needs_data else None
     collect_dir = out / "hessians"  # a killed run resumes its collection from here
     report = quantize(model, config, hessians=args.hessians, data=data, input_moments=args.input_moments,
                       tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len, collect_dir=collect_dir)

@@ -21,27 +21,27 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .codebooks import IntQuantizer, Quantizer
+from .codebooks import CODEBOOKS, Codebook, get_codebook
 from .fileio import atomic_save, atomic_write_text
 from .lowrank import LOWRANK_METHODS
+from .methods import get_method
 from .qlinear import QuantizedLinear
 
-__all__ = ["METHODS", "QuantConfig", "YaqaHfQuantizer", "dequantize", "export_lora", "replace_module"]
-
-METHODS = ("yaqa", "ldlq", "rtn", "datafree")
+__all__ = ["QuantConfig", "YaqaHfQuantizer", "dequantize", "export_lora", "replace_module"]
 
 
 @dataclass
 class QuantConfig(QuantizationConfigMixin):
     """How to quantize; saved as ``quantization_config`` (``quant_method: "yaqa"``) in config.json.
 
-    method: ``"yaqa"`` (two-sided LDLQ with H_in and H_out), ``"ldlq"`` (one-sided with H_in, = GPTQ),
-    ``"rtn"`` (round to nearest, no data) or ``"datafree"`` (no data: proxy factors from partner layers'
-    weights, see :mod:`yaqa_ext.datafree`; ``datafree_transform`` adds the input-column scaling search
-    for layers without a partner). bits: 2, 3, 4 or 8. quantizer: ``"int"`` (scalar grid).
+    method: a name in :data:`yaqa_ext.methods.METHODS`: ``"yaqa"`` (two-sided LDLQ with H_in and H_out),
+    ``"ldlq"`` (one-sided with H_in, = GPTQ), ``"rtn"`` (round to nearest, no data) or ``"datafree"`` (no
+    data: proxy factors from partner layers' weights, see :mod:`yaqa_ext.datafree`; ``datafree_transform``
+    adds the input-column scaling search for layers without a partner). bits: 2, 3, 4 or 8. quantizer: the codebook, a name in
+    :data:`yaqa_ext.codebooks.CODEBOOKS` (``"int"``: the scalar INT grid, :class:`yaqa_ext.IntCodebook`).
     scale: ``"channel"`` (one scale per output row) or ``"tensor"``; group_size: None, or the number of
     input columns per scale (GPTQ-style groups, overrides ``scale``). Scales are searched for the
-    least rounding error (see :class:`IntQuantizer`). rht: random Hadamard transform of weights and factors. sigma_reg:
+    least rounding error (see :class:`IntCodebook`). rht: random Hadamard transform of weights and factors. sigma_reg:
     relative damping of the normalised factors (retried with more if a factor is indefinite).
     td_x / td_y: tile rows / columns (the largest divisor of the layer's size at most this). Small
     tiles feed the rounding error back more finely; with scalar grids 2 x 2 gave clearly lower KL
@@ -72,10 +72,9 @@ class QuantConfig(QuantizationConfigMixin):
     quant_method: str = "yaqa"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.quantizer != "int":
-            raise ValueError(f"quantizer must be 'int' (the scalar INT-k grid), got {self.quantizer!r}")
+        get_method(self.method)
+        if self.quantizer not in CODEBOOKS:
+            raise ValueError(f"quantizer must be a registered codebook, one of {sorted(CODEBOOKS)}, got {self.quantizer!r}")
         if self.scale not in ("channel", "tensor"):
             raise ValueError(f"scale must be 'channel' or 'tensor', got {self.scale!r}")
         self.make_quantizer()  # validates bits and group_size
@@ -91,10 +90,9 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"lowrank_method must be 'auto' or one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
         self.quant_method = "yaqa"
 
-    def make_quantizer(self) -> Quantizer:
-        if self.group_size is not None:
-            return IntQuantizer(self.bits, self.symmetric, "group", self.group_size)
-        return IntQuantizer(self.bits, self.symmetric, self.scale)
+    def make_quantizer(self) -> Codebook:
+        """The codebook this config asks for."""
+        return get_codebook(self.quantizer).from_config(self)
 
     def skips(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.skip)
@@ -183,13 +181,14 @@ class YaqaHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         for name, spec in self.quantization_config.modules.items():
-            replace_module(model, name, QuantizedLinear(**spec))
+            replace_module(model, name, QuantizedLinear.from_spec(spec))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, spec in self.quantization_config.modules.items():
             module = model.get_submodule(name)
             module.check_buffers(name, spec, _not_loaded(module))
+            module.process_weights_after_loading()
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -16,14 +16,12 @@ from .fileio import atomic_write_text
 from .hessians import collect_hessians
 from .hf import QuantConfig, dequantize
 from .lowrank import INPUT_STAT_METHODS, LOWRANK_METHODS
+from .methods import pipeline_methods
 from .models import load_model
 from .quantize import quantize
 
-__all__ = ["PIPELINE_METHODS", "format_results", "parse_method", "run_pipeline"]
+__all__ = ["format_results", "parse_method", "run_pipeline"]
 
-# name -> (QuantConfig.method, sketch of the factors it uses)
-PIPELINE_METHODS = {"rtn": ("rtn", None), "datafree": ("datafree", None), "ldlq": ("ldlq", "input"),
-                    "yaqa-A": ("yaqa", "A"), "yaqa-B": ("yaqa", "B")}
 _POWER_ITERS = {"input": 1, "A": 2, "B": 1}
 REFERENCE_LOGITS_BUDGET = 4 << 30
 """Bytes of original-model logits the pipeline keeps in memory to evaluate every row against (else it
@@ -33,8 +31,9 @@ runs the original model again for each row)."""  # Sketch A: sum x^T x, then one
 def parse_method(name: str) -> tuple[str, str | None, int]:
     """``"yaqa-B+kl:8"`` -> ``("yaqa-B", "kl", 8)``: a pipeline method, optionally with a low-rank term."""
     base, _, lowrank = name.partition("+")
-    if base not in PIPELINE_METHODS:
-        raise ValueError(f"unknown method {name!r}: use one of {list(PIPELINE_METHODS)}, optionally with a low-rank "
+    variants = pipeline_methods()
+    if base not in variants:
+        raise ValueError(f"unknown method {name!r}: use one of {list(variants)}, optionally with a low-rank "
                          f"term as METHOD+LOWRANK:RANK (LOWRANK one of {LOWRANK_METHODS}), e.g. 'yaqa-B+kl:8'")
     if not lowrank:
         return base, None, 0
@@ -42,14 +41,14 @@ def parse_method(name: str) -> tuple[str, str | None, int]:
     if kind not in LOWRANK_METHODS or not rank.isdigit() or int(rank) < 1:
         raise ValueError(f"bad low-rank term in {name!r}: write METHOD+LOWRANK:RANK with LOWRANK one of "
                          f"{LOWRANK_METHODS} and RANK >= 1, e.g. 'yaqa-B+kl:8'")
-    if kind == "kl" and PIPELINE_METHODS[base][1] not in ("A", "B"):
+    if kind == "kl" and variants[base][1] not in ("A", "B"):
         raise ValueError(f"{name!r}: the 'kl' low-rank term needs YAQA's two factors; use it with yaqa-A or yaqa-B")
     return base, kind, int(rank)
 
 
 def _order(name: str) -> tuple[int, int, int]:
     base, kind, rank = parse_method(name)
-    return list(PIPELINE_METHODS).index(base), rank, -1 if kind is None else LOWRANK_METHODS.index(kind)
+    return list(pipeline_methods()).index(base), rank, -1 if kind is None else LOWRANK_METHODS.index(kind)
 
 
 def format_results(rows: list[dict]) -> str:
@@ -82,7 +81,7 @@ def run_settings(config: dict | None, **run: int) -> dict:
 def _row_config(config: dict | None, method: tuple[str, str | None, int], bits: int, seed: int) -> QuantConfig:
     """The QuantConfig of one row: the run's shared fields, the method (a :func:`parse_method` triple), bits, seed."""
     base, lowrank, rank = method
-    fields = {"method": PIPELINE_METHODS[base][0], "bits": bits, "seed": seed}
+    fields = {"method": pipeline_methods()[base][0], "bits": bits, "seed": seed}
     if lowrank is not None:
         fields.update(lowrank_rank=rank, lowrank_method=lowrank)
     return QuantConfig(**{**(config or {}), **fields})
@@ -92,7 +91,7 @@ def run_pipeline(
     model_name: str,
     out_dir: str | os.PathLike,
     *,
-    methods: list[str] = list(PIPELINE_METHODS),
+    methods: list[str] | None = None,
     bits: list[int] = [2, 3, 4],
     seeds: list[int] = [0],
     n_seqs: int = 128,
@@ -106,10 +105,11 @@ def run_pipeline(
 ) -> list[dict]:
     """Run (or resume) the experiment; writes ``results.json`` and ``results.md`` into ``out_dir``.
 
-    ``methods``: names of :data:`PIPELINE_METHODS`, each optionally with a low-rank term
-    (``"yaqa-B+kl:8"``, see :func:`parse_method`). ``config``: further :class:`QuantConfig` fields for
+    ``methods``: experiment names of the registered methods (:func:`yaqa_ext.methods.pipeline_methods`;
+    default: all), each optionally with a low-rank term (``"yaqa-B+kl:8"``, see :func:`parse_method`). ``config``: further :class:`QuantConfig` fields for
     every method (e.g. ``{"rht": False}``).
     """
+    methods = list(pipeline_methods()) if methods is None else methods
     parsed = {m: parse_method(m) for m in methods}
     for m in methods:  # every row's configuration is valid before any collection starts
         for b in bits:
@@ -153,7 +153,7 @@ def run_pipeline(
     for seed in seeds:
         for method in methods:
             base, lowrank, _ = parsed[method]
-            sketch = PIPELINE_METHODS[base][1]
+            sketch = pipeline_methods()[base][1]
             if all((method, b, seed) in done for b in bits):
                 continue
             hessians = None if sketch is None else factors(sketch, seed, method)

@@ -1,42 +1,24 @@
-"""The quantized linear layer: bit-packed codes, grid scales, RHT signs, optional low-rank term;
+"""The quantized linear layer: a codebook's stored codes, RHT signs, optional low-rank term and column scale;
 ``y = x W^T + b`` with ``W = (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (no RHT: ``W_hat``; no
-column scale d: 1; no low-rank term: 0) and ``W_hat = (codes - z) * s``."""
+column scale d: 1; no low-rank term: 0) and ``W_hat`` the decoded codes (INT: ``(codes - z) * s``)."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from .codebooks import QuantParams
+from .bitpack import pack_codes, unpack_codes
+from .codebooks import Codebook, Grid, get_codebook
 from .hadamard import RHT
+from .rounding import Rounded
 
-__all__ = ["QuantizedLinear", "effective_weight", "pack_codes", "unpack_codes"]
+__all__ = ["QuantizedLinear", "effective_weight"]
 
-
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes (m, n) < 2^bits as a little-endian bit stream per row: (m, ceil(n / 8) * bits) bytes."""
-    if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}")
-    m, n = codes.shape
-    padded = F.pad(codes, (0, -n % 8))
-    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
-    stream = (padded.unsqueeze(-1) >> shifts) & 1  # (m, n8, bits)
-    stream = stream.reshape(m, -1, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=codes.device)
-    return (stream * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
-
-
-def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: the (m, n) uint8 codes."""
-    m = packed.size(0)
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(m, -1, bits)
-    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
-    return (stream.to(torch.int32) * weights).sum(-1)[:, :n].to(torch.uint8)
+_FORMAT0_LAYOUT = ("bits", "group_size", "scale_rows", "zero_rows")
+"""Format 0 (saved before codebooks had names) was INT only, its layout keys at the top level of the spec."""
 
 
 def effective_weight(W_hat: Tensor, rht: RHT | None, in_scale: Tensor | None = None,
@@ -53,40 +35,35 @@ def effective_weight(W_hat: Tensor, rht: RHT | None, in_scale: Tensor | None = N
 class QuantizedLinear(nn.Module):
     """A drop-in replacement of ``nn.Linear`` (or GPT-2's ``Conv1D``) holding a quantized weight.
 
-    Buffers: ``qweight`` (packed codes), ``scales`` / ``zeros`` (fp16, (1 or m, n / group_size): one row
-    when every row is the same); with RHT ``sign_in`` / ``sign_out`` (one bit per sign, packed) plus the
-    ``rht_seed`` that drew them; with a low-rank term ``lowrank_A`` (m x k) and ``lowrank_B`` (k x n),
-    fp16; with an input-column scale ``in_scale`` (n, fp16: the weight was quantized as ``W diag(d)``).
+    The codebook (``codebook``, a name in :data:`yaqa_ext.codebooks.CODEBOOKS`, with its ``layout``) owns the
+    weight's buffers and the matmul (INT: ``qweight`` packed codes, ``scales`` / ``zeros`` fp16). Besides them:
+    with RHT ``sign_in`` / ``sign_out`` (one bit per sign, packed) plus the ``rht_seed`` that drew them; with a
+    low-rank term ``lowrank_A`` (m x k) and ``lowrank_B`` (k x n), fp16; with an input-column scale
+    ``in_scale`` (n, fp16: the weight was quantized as ``W diag(d)``).
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        bits: int,
-        group_size: int,
-        scale_rows: int,
-        zero_rows: int,
+        codebook: str,
+        layout: dict[str, Any],
         rht: bool,
         bias: bool,
         rht_seed: int = 0,
         bias_dtype: torch.dtype | str = torch.float32,
         lowrank_rank: int = 0,
         in_scale: bool = False,
+        format_version: int | None = None,
     ) -> None:
+        """``format_version``: the codebook format ``layout`` was saved in (None: the current one)."""
         super().__init__()
-        if not 1 <= bits <= 8:
-            raise ValueError(f"bits must be in 1..8, got {bits}")
-        if group_size < 1 or in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-        if scale_rows not in (1, out_features) or zero_rows not in (1, out_features):
-            raise ValueError(f"scale_rows ({scale_rows}) and zero_rows ({zero_rows}) must be 1 or out_features ({out_features})")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.rht_seed = bits, group_size, rht_seed
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, (in_features + 7) // 8 * bits, dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(scale_rows, groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(zero_rows, groups, dtype=torch.float16))
+        book = get_codebook(codebook)
+        if format_version is not None and format_version != book.format_version:
+            layout = book.upgrade_layout(dict(layout), format_version)
+        self.in_features, self.out_features, self.rht_seed = in_features, out_features, rht_seed
+        self.codebook, self.layout = codebook, dict(layout)
+        book.create_weights(self, in_features, out_features, **self.layout)
         if rht:
             self.register_buffer("sign_in", torch.zeros(1, (in_features + 7) // 8, dtype=torch.uint8))
             self.register_buffer("sign_out", torch.zeros(1, (out_features + 7) // 8, dtype=torch.uint8))
@@ -107,6 +84,19 @@ class QuantizedLinear(nn.Module):
         else:
             self.in_scale = None
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantizedLinear:
+        """The empty layer of a saved ``spec`` (see :meth:`spec`), of the current format or an older one."""
+        if "codebook" not in spec:
+            spec = {**{k: v for k, v in spec.items() if k not in _FORMAT0_LAYOUT}, "codebook": "int",
+                    "format_version": 0, "layout": {k: spec[k] for k in _FORMAT0_LAYOUT if k in spec}}
+        return cls(**spec)
+
+    @property
+    def book(self) -> type[Codebook]:
+        """The codebook class that stores and multiplies this layer's weight."""
+        return get_codebook(self.codebook)
+
     @property
     def rht(self) -> RHT | None:
         """The layer's RHT, its sign vectors unpacked once and kept until a sign buffer is replaced or written."""
@@ -123,27 +113,22 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_rounding(
         cls,
-        codes: Tensor,
-        params: QuantParams,
+        rounded: Rounded,
+        grid: Grid,
         rht: RHT | None,
         bias: Tensor | None,
         lowrank: tuple[Tensor, Tensor] | None = None,
         in_scale: Tensor | None = None,
     ) -> QuantizedLinear:
-        """The layer of a rounding result: ``codes`` and ``params`` of the (RHT-transformed, column-scaled
-        by ``in_scale``) weight, plus a low-rank term ``(A, B)`` (stored in fp16)."""
-        m, n = codes.shape
-        scales, zeros = (t[:1] if bool((t == t[:1]).all()) else t for t in (params.scales, params.zeros))
-        if not (torch.equal(scales.half().float(), scales) and torch.equal(zeros.half().float(), zeros)):
-            raise ValueError("QuantizedLinear stores fp16 scales and zero points; these are not fp16 values")
-        layer = cls(n, m, params.bits, params.group_size, scales.size(0), zeros.size(0), rht is not None, bias is not None,
+        """The layer of a rounding result on ``grid`` of the (RHT-transformed, column-scaled by ``in_scale``)
+        weight, plus a low-rank term ``(A, B)`` (stored in fp16)."""
+        m, n = rounded.W_hat.shape
+        layer = cls(n, m, grid.codebook, grid.layout(), rht is not None, bias is not None,
                     rht_seed=rht.seed if rht is not None else 0,
                     bias_dtype=bias.dtype if bias is not None else torch.float32,
                     lowrank_rank=0 if lowrank is None else lowrank[0].size(1), in_scale=in_scale is not None)
-        layer.to(codes.device)
-        layer.qweight.copy_(pack_codes(codes, params.bits))
-        layer.scales.copy_(scales)
-        layer.zeros.copy_(zeros)
+        layer.to(rounded.W_hat.device)
+        layer.book.pack(layer, rounded.codes, grid)
         if rht is not None:
             layer.sign_in.copy_(pack_codes((rht.sign_in > 0).to(torch.uint8).unsqueeze(0), 1))
             layer.sign_out.copy_(pack_codes((rht.sign_out > 0).to(torch.uint8).unsqueeze(0), 1))
@@ -158,13 +143,12 @@ class QuantizedLinear(nn.Module):
             layer.in_scale.copy_(in_scale)
         return layer
 
-    def spec(self) -> dict:
+    def spec(self) -> dict[str, Any]:
         """The constructor arguments (JSON-serialisable) that rebuild this layer's empty shell."""
         return {
-            "in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-            "group_size": self.group_size, "scale_rows": self.scales.size(0), "zero_rows": self.zeros.size(0),
-            "rht": self.sign_in is not None,
-            "bias": self.bias is not None, "rht_seed": self.rht_seed,
+            "in_features": self.in_features, "out_features": self.out_features, "codebook": self.codebook,
+            "format_version": self.book.format_version, "layout": dict(self.layout),
+            "rht": self.sign_in is not None, "bias": self.bias is not None, "rht_seed": self.rht_seed,
             "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else "float32",
             "lowrank_rank": 0 if self.lowrank_A is None else self.lowrank_A.size(1), "in_scale": self.in_scale is not None,
         }
@@ -172,10 +156,10 @@ class QuantizedLinear(nn.Module):
     def check_buffers(self, name: str, spec: dict, missing: Collection[str] = ()) -> None:
         """Raise ValueError, naming the module, unless every buffer matches ``spec`` (the recorded constructor
         arguments) in presence (none in ``missing``, the buffers a loader did not find), shape and dtype, and
-        scales, zero points, low-rank terms and column scales are finite (scales and column scales > 0): what a
-        loader must check before the layer computes anything."""
+        the codebook's values, low-rank terms and column scales are finite (column scales > 0): what a loader
+        must check before the layer computes anything."""
         with torch.device("meta"):
-            shell = QuantizedLinear(**spec)
+            shell = QuantizedLinear.from_spec(spec)
         fix = "the folder's weights and its config.json disagree: re-save it with save_pretrained or quantize again"
         for key, want in shell.named_buffers():
             have = getattr(self, key, None)
@@ -183,25 +167,28 @@ class QuantizedLinear(nn.Module):
                 raise ValueError(f"{name}.{key} is missing from the loaded weights; {fix}")
             if have.shape != want.shape or have.dtype != want.dtype:
                 raise ValueError(f"{name}.{key} is {have.dtype} {tuple(have.shape)} but the config's layer "
-                                 f"({spec['bits']}-bit, group_size {spec['group_size']}) needs {want.dtype} "
-                                 f"{tuple(want.shape)}; {fix}")
+                                 f"({shell.codebook} {shell.layout}) needs {want.dtype} {tuple(want.shape)}; {fix}")
         if self.bias is not None and (self.bias.is_meta or self.bias.shape != (self.out_features,)):
             raise ValueError(f"{name}.bias is missing or not of shape ({self.out_features},); {fix}")
-        for key, positive in (("scales", True), ("zeros", False), ("lowrank_A", False), ("lowrank_B", False),
-                              ("in_scale", True)):
+        self.book.check_values(self, name)
+        for key, positive in (("lowrank_A", False), ("lowrank_B", False), ("in_scale", True)):
             t = getattr(self, key)
             if t is not None and not bool((torch.isfinite(t) & ((t > 0) if positive else True)).all()):
                 raise ValueError(f"{name}.{key} holds {'non-positive, ' if positive else ''}NaN or infinite values; "
                                  "the file is corrupt: quantize the model again")
 
+    def process_weights_after_loading(self) -> None:
+        """Let the codebook repack the loaded buffers for its kernels (called by the Hugging Face loader)."""
+        self.book.process_weights_after_loading(self)
+
     def codes(self) -> Tensor:
-        return unpack_codes(self.qweight, self.bits, self.in_features)
+        """The codes of the weight (INT: (m, n) uint8)."""
+        return self.book.unpack(self)[0]
 
     def dequantized_weight(self) -> Tensor:
-        """``W_hat = (codes - z) * s`` (fp32, m x n), in the RHT basis when the layer has one."""
-        s = self.scales.float().repeat_interleave(self.group_size, dim=1)
-        z = self.zeros.float().repeat_interleave(self.group_size, dim=1)
-        return (self.codes().float() - z) * s
+        """``W_hat``, the decoded codes (fp32, m x n), in the RHT basis when the layer has one."""
+        codes, grid = self.book.unpack(self)
+        return grid.decode(codes)
 
     def weight_matrix(self, lowrank: bool = True) -> Tensor:
         """The effective ``W`` (fp32, m x n) of ``y = x W^T + b``, in the original basis (with ``lowrank``
@@ -217,29 +204,20 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xs = x if self.in_scale is None else (x.float() / self.in_scale.float()).to(x.dtype)  # fp16 x / 2^-14 overflows
-        rht = self.rht
-        y = self._codes_matmul(xs) if rht is None else rht.output_inverse(self._codes_matmul(rht.input_transform(xs)))
+        rht, book = self.rht, self.book
+        y = book.matmul(self, xs) if rht is None else rht.output_inverse(book.matmul(self, rht.input_transform(xs)))
         if self.lowrank_A is not None:
             y = y + (x @ self.lowrank_B.to(x.dtype).T) @ self.lowrank_A.to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _codes_matmul(self, x: Tensor) -> Tensor:
-        """``x W_hat^T``: the fused op (codes decoded as they are used) on the CPU when no gradient is needed;
-        else, until a backend has its kernel or the op a backward, the dequantized weight's matmul."""
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-            return ops.int_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
-        return x @ self.dequantized_weight().to(x.dtype).T
-
     def bits_per_weight(self) -> float:
-        """Stored bits of the weight (codes, scales, zero points, signs, low-rank term, column scale; not the
+        """Stored bits of the weight (every buffer: codes, scales, signs, low-rank term, column scale; not the
         bias) per weight."""
-        stored = [self.qweight, self.scales, self.zeros, self.sign_in, self.sign_out, self.lowrank_A, self.lowrank_B,
-                  self.in_scale]
-        stored = [t for t in stored if t is not None]
-        return sum(t.numel() * t.element_size() * 8 for t in stored) / (self.in_features * self.out_features)
+        return sum(t.numel() * t.element_size() * 8 for t in self.buffers()) / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lowrank_A is None else self.lowrank_A.size(1)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, rht={self.sign_in is not None}, lowrank_rank={rank}, "
-                f"in_scale={self.in_scale is not None}, bias={self.bias is not None}")
+        layout = ", ".join(f"{k}={v}" for k, v in self.layout.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, codebook={self.codebook!r}, "
+                f"{layout}, rht={self.sign_in is not None}, lowrank_rank={rank}, in_scale={self.in_scale is not None}, "
+                f"bias={self.bias is not None}")

@@ -8,20 +8,20 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .codebooks import QuantParams, Quantizer
-from .datafree import Partner, find_partners, proxy_factors
+from .codebooks import Codebook
 from .hadamard import RHT
 from .hessians import HessianFactors, _mix, collect_hessians, find_targets, load_hessians, weight_matrix
 from .hf import QuantConfig, replace_module
 from .ldl import block_ldl
 from .lowrank import INPUT_STAT_METHODS, lowrank_correction
+from .methods import Method, get_method
 from .qlinear import QuantizedLinear, effective_weight
 from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
@@ -81,9 +81,12 @@ class QuantReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def _tile(size: int, cap: int) -> int:
-    """The largest tile size <= cap that divides size."""
-    return max(d for d in range(1, min(size, cap) + 1) if size % d == 0)
+def _tile(size: int, cap: int, unit: int) -> int:
+    """The largest tile size <= cap that divides size and is a multiple of the codebook's unit."""
+    sizes = [d for d in range(unit, min(size, max(cap, unit)) + 1, unit) if size % d == 0]
+    if not sizes:
+        raise ValueError(f"a size of {size} cannot be cut into tiles of a multiple of the codebook's unit {unit}")
+    return max(sizes)
 
 
 def _relative(dW: Tensor, W: Tensor, H_in: Tensor, H_out: Tensor | None) -> float:
@@ -97,7 +100,7 @@ def _damped_ldl(H: Tensor | None, block: int, config: QuantConfig) -> tuple[Tens
     return ldl.L, ldl.damp
 
 
-def _column_scale(W: Tensor, quantizer: Quantizer, rht: RHT | None) -> Tensor | None:
+def _column_scale(W: Tensor, quantizer: Codebook, rht: RHT | None) -> Tensor | None:
     """The input-column scaling d (fp16 values) minimising ||W - Q(W diag d) diag(1/d)||_F over
     d = (mean_i |W_ij|)^-a for a in 0.25..1 (normalised to a geometric mean of 1; it evens out the
     columns so that one scale per row suits them all), or None if none beats no scaling: the
@@ -106,7 +109,7 @@ def _column_scale(W: Tensor, quantizer: Quantizer, rht: RHT | None) -> Tensor | 
     def error(d: Tensor | None) -> float:
         Wd = W if d is None else W * d
         Wt = Wd if rht is None else rht.transform_weight(Wd)
-        back = round_to_nearest(Wt, quantizer.params(Wt)).W_hat
+        back = round_to_nearest(Wt, quantizer).W_hat
         back = back if rht is None else rht.inverse_weight(back)
         return float((W - (back if d is None else back / d)).square().sum())
 
@@ -126,7 +129,7 @@ def _quantize_layer(
     bias: Tensor | None,
     name: str,
     config: QuantConfig,
-    quantizer: Quantizer,
+    quantizer: Codebook,
     H_in: Tensor | None,
     H_out: Tensor | None,
     stats: dict[str, Tensor | None],
@@ -135,9 +138,10 @@ def _quantize_layer(
     start = time.perf_counter()
     m, n = W0.shape
     device = W0.device
+    method = get_method(config.method)
     rht = RHT(m, n, seed=_mix(config.seed, name) % 2**31, device=device) if config.rht else None
     in_scale = None
-    if config.method == "datafree" and config.datafree_transform and H_in is None and H_out is None:
+    if method.column_scale and config.datafree_transform and H_in is None and H_out is None:
         in_scale = _column_scale(W0, quantizer, rht)
     W = W0 if in_scale is None else W0 * in_scale
     Wt, Hi, Ho = W, H_in, H_out
@@ -145,15 +149,17 @@ def _quantize_layer(
         Wt = rht.transform_weight(W)
         Hi = None if Hi is None else rht.transform_input_factor(Hi)
         Ho = None if Ho is None else rht.transform_output_factor(Ho)
-    params = quantizer.params(Wt)
-    tiles = (_tile(m, config.td_x), _tile(n, config.td_y))
-    if config.method == "rtn" or (Hi is None and Ho is None):
-        rounded: Rounded = round_to_nearest(Wt, params)
+    grid = quantizer.fit(Wt)
+    unit = type(quantizer).unit
+    tiles = (_tile(m, config.td_x, unit[0]), _tile(n, config.td_y, unit[1]))
+    Hi, Ho = (Hi if method.feedback[0] else None), (Ho if method.feedback[1] else None)
+    if Hi is None and Ho is None:
+        rounded: Rounded = round_to_nearest(Wt, grid)
         damp_in = damp_out = None
     else:
         L_in, damp_in = _damped_ldl(Hi, tiles[1], config)
-        L_out, damp_out = _damped_ldl(Ho if config.method != "ldlq" else None, tiles[0], config)
-        rounded = ldlq_round(Wt, L_in, L_out, quantizer=params, td_x=tiles[0], td_y=tiles[1])
+        L_out, damp_out = _damped_ldl(Ho, tiles[0], config)
+        rounded = ldlq_round(Wt, L_in, L_out, quantizer=grid, td_x=tiles[0], td_y=tiles[1])
     lowrank, terms = None, None
     if config.lowrank_rank > 0:
         method = config.lowrank_method
@@ -163,7 +169,7 @@ def _quantize_layer(
                                   x_abs_mean=stats["x_abs"], R=stats["R"], H_in=H_in, H_out=H_out)
         terms = (A.half().float(), B.half().float())
         lowrank = f"{method}:{A.size(1)}"
-    layer = QuantizedLinear.from_rounding(rounded.codes, params, rht, bias, lowrank=terms, in_scale=in_scale)
+    layer = QuantizedLinear.from_rounding(rounded, grid, rht, bias, lowrank=terms, in_scale=in_scale)
     dW = W0 - effective_weight(rounded.W_hat, rht, in_scale, terms)  # = W0 - layer.weight_matrix() (W_hat is exact)
     report = LayerReport(
         name=name, shape=(m, n), tiles=tiles, damp_in=damp_in, damp_out=damp_out,
@@ -184,14 +190,25 @@ def _check_lowrank_statistics(config: QuantConfig, hessians: HessianFactors | No
                               collecting: str | None) -> None:
     """Fail before any collection or rounding if the low-rank method's statistics cannot be there
     (``collecting``: the sketch quantize() is about to collect, if any)."""
-    method = config.lowrank_method if config.lowrank_rank > 0 else None
+    lowrank = config.lowrank_method if config.lowrank_rank > 0 else None
     sketch = hessians.sketch if hessians is not None else collecting
-    if method in INPUT_STAT_METHODS and moments is None and sketch != "input":
-        raise ValueError(f"lowrank_method {method!r} needs the input statistics: pass input_moments=DIR from "
+    if lowrank in INPUT_STAT_METHODS and moments is None and sketch != "input":
+        raise ValueError(f"lowrank_method {lowrank!r} needs the input statistics: pass input_moments=DIR from "
                          "collect_hessians(..., sketch='input') (CLI: --input-moments), or hessians from one")
-    if method == "kl" and (config.method == "datafree" or sketch not in ("A", "B")):
+    if lowrank == "kl" and (get_method(config.method).own_factors or sketch not in ("A", "B")):
         raise ValueError("lowrank_method 'kl' needs YAQA's two factors H_in and H_out: use it with hessians from "
                          "a Sketch A or B collection and method 'yaqa' or 'ldlq' (or choose another lowrank_method)")
+
+
+def _check_sketch(method: Method, factors: HessianFactors | None) -> None:
+    """Fail unless the collection is one the method rounds with (when it reads one)."""
+    if factors is None or not method.needs_data or factors.sketch in method.sketches:
+        return
+    if factors.sketch == "input":
+        raise ValueError(f"{factors.path} holds input moments only (sketch 'input'); method {method.name!r} needs "
+                         f"H_out from a collection of sketch {' or '.join(method.sketches)} (or use method='ldlq')")
+    raise ValueError(f"{factors.path} is a Sketch {factors.sketch} collection; method {method.name!r} needs one of "
+                     f"the sketches {method.sketches}")
 
 
 def _normalised(H: Tensor | None, name: str, side: str) -> Tensor | None:
@@ -218,7 +235,7 @@ def quantize(
     *,
     input_moments: str | os.PathLike | HessianFactors | None = None,
     tokenizer=None,
-    sketch: str = "B",
+    sketch: str | None = None,
     n_seqs: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
@@ -227,23 +244,28 @@ def quantize(
 ) -> QuantReport:
     """Quantize every linear layer of the decoder blocks in place; returns the per-layer report.
 
-    ``method="yaqa"`` needs H_in and H_out (a Sketch A or B collection), ``"ldlq"`` H_in (any
-    collection, e.g. ``sketch="input"``), ``"rtn"`` and ``"datafree"`` nothing. Without ``hessians``
-    but with ``data`` the factors are collected first (``sketch``, ``n_seqs``, ``seq_len``; into
-    ``collect_dir`` or a temporary folder). Per layer: factors normalised by their mean diagonal,
+    The method (:data:`yaqa_ext.methods.METHODS`) says which factors it needs: ``"yaqa"`` H_in and H_out
+    (a Sketch A or B collection), ``"ldlq"`` H_in (any collection, e.g. ``sketch="input"``), ``"rtn"`` and
+    ``"datafree"`` nothing. Without ``hessians`` but with ``data`` the factors are collected first
+    (``sketch``, default the method's own; ``n_seqs``, ``seq_len``; into ``collect_dir`` or a temporary
+    folder). Per layer: factors normalised by their mean diagonal,
     RHT (``config.rht``), ``block_ldl`` with damping ``sigma_reg`` (retried with more), rounding,
     the optional low-rank term (``config.lowrank_rank``; QERA / LQER statistics come from
     ``input_moments``, an ``sketch="input"`` collection, or from ``hessians`` if it is one), and a
-    :class:`QuantizedLinear` in place of the layer. ``model.config.quantization_config`` is set, so
+    :class:`QuantizedLinear` in place of the layer. ``model.config.quantization_config`` is set to a copy
+    of ``config`` recording each layer's shape (``config`` itself is not changed), so
     ``model.save_pretrained`` writes a folder ``AutoModelForCausalLM.from_pretrained`` can load.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a yaqa_ext.QuantConfig, got {type(config).__name__}")
-    needs_factors = config.method in ("yaqa", "ldlq")
+    method = get_method(config.method)
+    needs_factors = method.needs_data
     if needs_factors and hessians is None and data is None:
         raise ValueError(f"method {config.method!r} needs Hessian factors: pass hessians=DIR (from collect_hessians) or data=...")
-    if config.method == "ldlq" and hessians is None:
-        sketch = "input"
+    sketch = method.default_sketch if sketch is None else sketch
+    if needs_factors and hessians is None and sketch not in method.sketches:
+        raise ValueError(f"method {config.method!r} rounds with factors of the sketches {method.sketches}, not "
+                         f"{sketch!r}: pass one of them as sketch=")
     hessians, input_moments = _open(hessians), _open(input_moments)
     if input_moments is not None and input_moments.sketch != "input":
         raise ValueError(f"input_moments: {input_moments.path} is a Sketch {input_moments.sketch} collection; the "
@@ -268,19 +290,13 @@ def quantize(
             if missing:
                 raise ValueError(f"{source.path} has no factors for {len(missing)} layers (first: {missing[0]}); "
                                  "collect them, or skip those layers with QuantConfig(skip=[...])")
-        if config.method == "yaqa" and factors.sketch == "input":
-            raise ValueError(f"{factors.path} holds input moments only (sketch 'input'); method 'yaqa' needs H_out "
-                             "from a Sketch A or B collection (or use method='ldlq')")
-        partners: dict[str, Partner] = find_partners(model, targets) if config.method == "datafree" else {}
+        _check_sketch(method, factors)
+        layer_factors = method.layer_factors(model, targets, None if method.own_factors else factors)
         quantizer = config.make_quantizer()
         reports, modules = [], {}
         for t in tqdm(targets, desc=f"quantize {config.summary()}", unit="layer", disable=True if not progress else None):
             W0 = weight_matrix(t.module).float()
-            H_in = H_out = None
-            if config.method == "datafree":
-                H_in, H_out = proxy_factors(model, t.name, partners.get(t.name))
-            elif factors is not None:
-                H_in, H_out = factors.load(t.name, W0.device)
+            H_in, H_out = layer_factors(t.name, W0.device)
             stats = {"R": None if moments is None else moments.load(t.name, W0.device)[0],
                      "x_abs": None if moments is None else moments.abs_mean(t.name, W0.device)}
             try:
@@ -297,7 +313,7 @@ def quantize(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    config.modules = modules
+    config = replace(config, modules=modules)
     if hasattr(model, "config"):
         model.config.quantization_config = config
     return QuantReport(config, reports)

@@ -8,8 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import ops
-from .codebooks import QuantParams, Quantizer
+from .codebooks import Codebook, Grid, get_codebook
 
 __all__ = ["Rounded", "ldlq_round", "proxy_loss", "round_to_nearest"]
 
@@ -18,15 +17,15 @@ class Rounded(NamedTuple):
     W_hat: Tensor
     """float32 (m, n): exactly the values of ``codes``."""
     codes: Tensor
-    """uint8 (m, n) grid indices."""
+    """The codebook's codes (INT: uint8 (m, n) grid indices)."""
 
 
-def _params(W: Tensor, quantizer: Quantizer | QuantParams) -> QuantParams:
-    if isinstance(quantizer, QuantParams):
+def _grid(W: Tensor, quantizer: Codebook | Grid) -> Grid:
+    if isinstance(quantizer, Grid):
         return quantizer
-    if isinstance(quantizer, Quantizer):
-        return quantizer.params(W)
-    raise TypeError(f"quantizer must be a Quantizer or QuantParams, got {type(quantizer).__name__}")
+    if isinstance(quantizer, Codebook):
+        return quantizer.fit(W)
+    raise TypeError(f"quantizer must be a Codebook or a Grid (a codebook fitted to W), got {type(quantizer).__name__}")
 
 
 def ldlq_round(
@@ -34,7 +33,7 @@ def ldlq_round(
     L_in: Tensor | None,
     L_out: Tensor | None = None,
     *,
-    quantizer: Quantizer | QuantParams,
+    quantizer: Codebook | Grid,
     td_x: int = 16,
     td_y: int = 16,
 ) -> Rounded:
@@ -45,21 +44,23 @@ def ldlq_round(
     ``td_y = 1``), ``L_in=None`` feeds back on the output side only, both None round to nearest. The
     result minimises the proxy loss tile by tile: ``tr(eta D_in eta^T D_out)`` with eta the per-tile
     rounding residual. W must be float32 (m x n) with ``td_x | m``, ``td_y | n``.
-    ``quantizer`` gives the grid: a :class:`Quantizer` (parameters from W) or fixed :class:`QuantParams`.
+    ``quantizer`` gives the grid: a :class:`Codebook` (fitted to W) or a fixed :class:`Grid`.
     """
-    params = _params(W, quantizer)
-    W_hat, codes = ops.ldlq_round(
-        W, None if L_in is None else L_in.float(), None if L_out is None else L_out.float(), params.scales,
-        params.zeros, params.bits, params.group_size, td_x, td_y,
-    )
+    grid = _grid(W, quantizer)
+    rows, cols = get_codebook(grid.codebook).unit
+    if td_x % rows or td_y % cols:
+        raise ValueError(f"codebook {grid.codebook!r} codes {rows} x {cols} weights jointly: td_x ({td_x}) and td_y "
+                         f"({td_y}) must be multiples of them")
+    W_hat, codes = grid.ldlq_round(W, None if L_in is None else L_in.float(), None if L_out is None else L_out.float(),
+                                   td_x, td_y)
     return Rounded(W_hat, codes)
 
 
-def round_to_nearest(W: Tensor, quantizer: Quantizer | QuantParams) -> Rounded:
-    """Round-to-nearest on the quantiser's grid (no feedback)."""
-    params = _params(W, quantizer)
-    codes = params.quantize(W)
-    return Rounded(params.dequantize(codes), codes)
+def round_to_nearest(W: Tensor, quantizer: Codebook | Grid) -> Rounded:
+    """Round-to-nearest on the codebook's grid (no feedback)."""
+    grid = _grid(W, quantizer)
+    codes = grid.encode(W)
+    return Rounded(grid.decode(codes), codes)
 
 
 def proxy_loss(dW: Tensor, H_in: Tensor, H_out: Tensor | None = None) -> float:

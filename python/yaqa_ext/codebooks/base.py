@@ -1,0 +1,113 @@
+"""The codebook interface: how a weight matrix becomes codes (fit, encode, decode, adaptive rounding), how a
+quantized layer stores them (create_weights, pack, unpack: a layout with a format version) and how it computes
+``x W_hat^T`` from them (matmul); plus the registry that finds a codebook by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+__all__ = ["CODEBOOKS", "Codebook", "Grid", "get_codebook", "register_codebook"]
+
+
+class Grid(ABC):
+    """A codebook fitted to one weight matrix (its scales etc.): the nearest codes of values and back."""
+
+    codebook: ClassVar[str]
+    """Name of the codebook (in :data:`CODEBOOKS`) that stores this grid."""
+
+    @abstractmethod
+    def encode(self, W: Tensor) -> Tensor:
+        """Codes of the nearest codewords of ``W`` (m, n): one code per codebook unit."""
+
+    @abstractmethod
+    def decode(self, codes: Tensor) -> Tensor:
+        """The float32 (m, n) values of ``codes``."""
+
+    @abstractmethod
+    def ldlq_round(self, W: Tensor, L_in: Tensor | None, L_out: Tensor | None, td_x: int, td_y: int
+                   ) -> tuple[Tensor, Tensor]:
+        """Two-sided LDLQ on this grid (see :func:`yaqa_ext.ldlq_round`): ``(W_hat, codes)``."""
+
+    @abstractmethod
+    def layout(self) -> dict[str, Any]:
+        """The JSON-serialisable shape of the stored layer (the keyword arguments of ``create_weights``)."""
+
+
+class Codebook(ABC):
+    """A quantiser: ``fit`` chooses a :class:`Grid` for a weight matrix; the class methods store one in a
+    layer and compute with it. A new codebook is one subclass decorated with :func:`register_codebook`
+    (plus its kernels); nothing else in the package names it."""
+
+    name: ClassVar[str]
+    format_version: ClassVar[int]
+    """Version of the stored layout; a saved layer of a newer version is refused with a clear message."""
+    unit: ClassVar[tuple[int, int]] = (1, 1)
+    """(rows, columns) of weights coded jointly: rounding tiles are multiples of it."""
+    bits: int
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Any) -> Codebook:
+        """The codebook a :class:`yaqa_ext.QuantConfig` asks for (raises ValueError for bad settings)."""
+
+    @abstractmethod
+    def fit(self, W: Tensor) -> Grid:
+        """The grid for the (m, n) weight ``W`` (from its unrounded values)."""
+
+    @classmethod
+    @abstractmethod
+    def create_weights(cls, layer: nn.Module, in_features: int, out_features: int, **layout: Any) -> None:
+        """Register the (empty) buffers of a layer of this layout on ``layer``."""
+
+    @classmethod
+    @abstractmethod
+    def pack(cls, layer: nn.Module, codes: Tensor, grid: Grid) -> None:
+        """Write ``codes`` and ``grid`` into the buffers of ``layer`` (made by ``create_weights(grid.layout())``)."""
+
+    @classmethod
+    @abstractmethod
+    def unpack(cls, layer: nn.Module) -> tuple[Tensor, Grid]:
+        """The codes and grid held by ``layer``'s buffers."""
+
+    @classmethod
+    @abstractmethod
+    def check_values(cls, layer: nn.Module, name: str) -> None:
+        """Raise ValueError naming ``name`` if a loaded buffer holds values no grid can have (NaN scales...)."""
+
+    @classmethod
+    @abstractmethod
+    def matmul(cls, layer: nn.Module, x: Tensor) -> Tensor:
+        """``x W_hat^T`` from the stored codes (x: (..., in_features))."""
+
+    @classmethod
+    def process_weights_after_loading(cls, layer: nn.Module) -> None:
+        """Repack the loaded buffers for this machine's kernels (after ``from_pretrained``); default: none."""
+
+    @classmethod
+    def upgrade_layout(cls, layout: dict[str, Any], version: int) -> dict[str, Any]:
+        """The current layout of one saved in format ``version`` (default: only the current one loads)."""
+        raise ValueError(f"codebook {cls.name!r}: the saved layer has format version {version}; this yaqa_ext reads "
+                         f"version {cls.format_version}: quantize the model again with this version")
+
+
+CODEBOOKS: dict[str, type[Codebook]] = {}
+"""Registered codebooks by name (``QuantConfig(quantizer=name)``)."""
+
+
+def register_codebook(cls: type[Codebook]) -> type[Codebook]:
+    """Class decorator: make ``cls`` available as ``QuantConfig(quantizer=cls.name)`` and to the loader."""
+    if cls.name in CODEBOOKS and CODEBOOKS[cls.name] is not cls:
+        raise ValueError(f"a codebook named {cls.name!r} is already registered ({CODEBOOKS[cls.name].__qualname__})")
+    CODEBOOKS[cls.name] = cls
+    return cls
+
+
+def get_codebook(name: str) -> type[Codebook]:
+    """The registered codebook called ``name``."""
+    if name not in CODEBOOKS:
+        raise ValueError(f"unknown codebook {name!r}: the registered ones are {sorted(CODEBOOKS)} (a custom codebook "
+                         "must be registered with yaqa_ext.codebooks.register_codebook before use or loading)")
+    return CODEBOOKS[name]
