@@ -3,13 +3,20 @@
 // dotted with every token, the zero point folded out of the inner loop through per-group sums of x:
 //   y[t, j] = sum_g s[j, g] (sum_{i in g} c[j, i] x[t, i] - z[j, g] sum_{i in g} x[t, i]).
 // Large batches (prefill): a tile of rows is dequantized at a time and multiplied by a GEMM, so the
-// weight is never materialised whole. The fp32 row loops are compiled three times (AVX-512, AVX2 and baseline
-// x86-64, chosen at load time); the decode is written per bit width so each compiles to vector shifts.
+// weight is never materialised whole. The fp32 row loops are compiled twice (AVX2 and baseline x86-64, chosen at
+// load time); the decode is written per bit width so each compiles to vector shifts. On AVX2 + FMA machines the
+// small-batch fp32 path for 1-4 and 8 bits is fused instead: 8 codes at a time are shifted out of one 32-bit word
+// (or widened from 8 bytes) straight into a vector register and multiplied into every token's accumulator.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define YAQA_FUSED_AVX2 1
+#endif
 
 #include "../ops.h"
 #include "../qmatmul.h"
@@ -132,10 +139,6 @@ YAQA_VECTOR_CLONES void dequantize_rows_f32(const Packed& w, int64_t j0, const G
                                             int64_t begin, int64_t end) {
   dequantize_rows<float>(w, j0, grid, tile, c, begin, end);
 }
-void dot_rows_any(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y, float* c,
-                  int64_t begin, int64_t end) {
-  dot_rows_f32(w, x, xsum, T, grid, y, c, begin, end);
-}
 void dot_rows_any(const Packed& w, const double* x, const double* xsum, int64_t T, const Grid& grid, double* y,
                   double* c, int64_t begin, int64_t end) {
   dot_rows<double>(w, x, xsum, T, grid, y, c, begin, end);
@@ -147,6 +150,98 @@ void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, float* t
 void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, double* tile, double* c, int64_t begin,
                          int64_t end) {
   dequantize_rows<double>(w, j0, grid, tile, c, begin, end);
+}
+
+#ifdef YAQA_FUSED_AVX2
+// Codes 8c .. 8c + 7 of a row as floats: B bits each, little-endian from byte c * B.
+template <int B>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 decode8(const uint8_t* row, int64_t c) {
+  if constexpr (B == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c * 8))));
+  } else {
+    uint32_t v = 0;
+    std::memcpy(&v, row + c * B, B);
+    const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), shifts),
+                                           _mm256_set1_epi32((1 << B) - 1));
+    return _mm256_cvtepi32_ps(codes);
+  }
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+
+// Rows [begin, end) of y (T x m), T tokens: y[t, j] = sum_g s[j, g] (sum_{i in g} c[j, i] x[t, i]) - sum_g s z xsum.
+// Needs group_size % 8 == 0.
+template <int B, int T>
+__attribute__((target("avx2,fma"))) void fused_rows(const Packed& w, const float* x, const float* xsum,
+                                                    const Grid& grid, float* y, int64_t begin, int64_t end) {
+  const int64_t n = w.n, gs = w.group_size, groups = n / gs, blocks = gs / 8;
+  for (int64_t j = begin; j < end; ++j) {
+    const uint8_t* row = w.codes + j * w.row_bytes;
+    const float* sj = static_cast<const float*>(grid.s) + j * grid.s_stride;
+    const float* zj = static_cast<const float*>(grid.z) + j * grid.z_stride;
+    __m256 total[T];
+    float shift[T];
+    for (int t = 0; t < T; ++t) total[t] = _mm256_setzero_ps(), shift[t] = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 part[T];
+      for (int t = 0; t < T; ++t) part[t] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t c = g * blocks + b;
+        const __m256 codes = decode8<B>(row, c);
+        for (int t = 0; t < T; ++t) part[t] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + t * n + c * 8), part[t]);
+      }
+      const __m256 s = _mm256_set1_ps(sj[g]);
+      for (int t = 0; t < T; ++t) {
+        total[t] = _mm256_fmadd_ps(part[t], s, total[t]);
+        shift[t] += sj[g] * zj[g] * xsum[t * groups + g];
+      }
+    }
+    for (int t = 0; t < T; ++t) y[t * w.m + j] = hsum(total[t]) - shift[t];
+  }
+}
+
+template <int B>
+void fused_rows_tokens(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y,
+                       int64_t begin, int64_t end) {
+  switch (T) {
+    case 1: return fused_rows<B, 1>(w, x, xsum, grid, y, begin, end);
+    case 2: return fused_rows<B, 2>(w, x, xsum, grid, y, begin, end);
+    case 3: return fused_rows<B, 3>(w, x, xsum, grid, y, begin, end);
+    case 4: return fused_rows<B, 4>(w, x, xsum, grid, y, begin, end);
+    case 5: return fused_rows<B, 5>(w, x, xsum, grid, y, begin, end);
+    case 6: return fused_rows<B, 6>(w, x, xsum, grid, y, begin, end);
+    case 7: return fused_rows<B, 7>(w, x, xsum, grid, y, begin, end);
+    default: return fused_rows<B, 8>(w, x, xsum, grid, y, begin, end);
+  }
+}
+
+// The fused small-batch path if this machine and layout allow it; false otherwise.
+bool fused_small_batch(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y,
+                       int64_t begin, int64_t end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!avx2 || w.group_size % 8 != 0 || T > kSmallBatch) return false;
+  switch (w.bits) {
+    case 1: fused_rows_tokens<1>(w, x, xsum, T, grid, y, begin, end); return true;
+    case 2: fused_rows_tokens<2>(w, x, xsum, T, grid, y, begin, end); return true;
+    case 3: fused_rows_tokens<3>(w, x, xsum, T, grid, y, begin, end); return true;
+    case 4: fused_rows_tokens<4>(w, x, xsum, T, grid, y, begin, end); return true;
+    case 8: fused_rows_tokens<8>(w, x, xsum, T, grid, y, begin, end); return true;
+    default: return false;
+  }
+}
+#endif
+
+void dot_rows_any(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y, float* c,
+                  int64_t begin, int64_t end) {
+#ifdef YAQA_FUSED_AVX2
+  if (fused_small_batch(w, x, xsum, T, grid, y, begin, end)) return;
+#endif
+  dot_rows_f32(w, x, xsum, T, grid, y, c, begin, end);
 }
 
 template <typename acc_t>
