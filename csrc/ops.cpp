@@ -43,5 +43,6 @@ TORCH_LIBRARY(yaqa, m) {
   // in `bits` bytes), scales / zeros (1 or m, n / group_size) fp16 or fp32. The weight is never
   // materialised: codes are decoded a row (small batches) or a tile of rows (large ones) at a time.
   // y has x's dtype and shape (..., m); computed in fp32 (fp64 for fp64 x).
-  m.def("int_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
+  m.def("int_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+        "Tensor? sign_in=None, Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
 }

@@ -23,7 +23,9 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W, const std
                                                   const at::Tensor& zeros, int64_t bits, int64_t group_size,
                                                   int64_t td_x, int64_t td_y);
 at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                          const at::Tensor& zeros, int64_t bits, int64_t group_size);
+                          const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                          const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
+                          const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out);
 
 #ifdef YAQA_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cuda(const at::Tensor& H, int64_t block_size);

@@ -85,9 +85,10 @@ class PairCodebook(Codebook):
             raise ValueError(f"{name}.pair_scale is not finite")
 
     @classmethod
-    def matmul(cls, layer: nn.Module, x: Tensor) -> Tensor:
+    def matmul(cls, layer: nn.Module, x: Tensor, rht) -> Tensor:
         codes, grid = cls.unpack(layer)
-        return x @ grid.decode(codes).to(x.dtype).T
+        W_hat = grid.decode(codes).to(x.dtype)
+        return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
 
 
 @pytest.fixture

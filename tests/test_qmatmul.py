@@ -47,6 +47,43 @@ def test_activation_dtypes_and_batch_shapes(dtype, shape):
         torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "tokens"), [(576, 1536, 1), (1536, 576, 5), (48, 64, 64)])
+def test_rht_around_the_product(dtype, m, n, tokens):
+    """With the sign vectors and small factors of an RHT the op computes ``(H_m^T)((H_n (x S_U)) W_hat^T) S_V``:
+    compared with the dense orthonormal Hadamard matrices (hadamard_matrix) applied in fp64."""
+    from yaqa_ext.hadamard import RHT, hadamard_matrix
+
+    q, s, z, W = packed_weight(m, n, 4, 64 if n % 64 == 0 else n, rows=m, seed=3)
+    rht = RHT(m, n, seed=5)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    y = ops.int_matmul(x, q, s, z, 4, 64 if n % 64 == 0 else n, *rht.fused_args(x.device))
+    Hn, Hm = hadamard_matrix(n, torch.float64), hadamard_matrix(m, torch.float64)
+    xt = (x.double() * rht.sign_in.double()) @ Hn.T  # x S_U Had_n^T
+    ref = ((xt @ W.T) @ Hm) * rht.sign_out.double()  # y Had_m S_V
+    assert y.dtype == dtype and y.shape == (tokens, m)
+    # fp64: fp64 maths throughout; fp32 / bf16 in: fp32 maths (the transforms add ~log2(n) roundings), one final
+    # rounding to bf16
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_rht_argument_checks():
+    q, s, z, _ = packed_weight(8, 16, 2, 8, rows=8)
+    x = torch.randn(2, 16)
+    signs = torch.ones(16)
+    cases = [
+        ((None, torch.ones(1, 1), None, None), ValueError, "a Hadamard factor was given without sign_in"),
+        ((torch.ones(8), None, None, None), ValueError, r"sign_in must be a vector of x's last dimension n = 16"),
+        ((signs.double(), None, None, None), TypeError, "sign_in must be float32"),
+        ((None, None, torch.ones(16), None), ValueError, r"sign_out must be a vector of the output's m = 8"),
+        ((signs, torch.ones(3, 3), None, None), ValueError, r"must be 2\^k times the order of had \(3\)"),
+    ]
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            ops.int_matmul(x, q, s, z, 2, 8, *extra)
+
+
 def test_non_contiguous_inputs():
     q, s, z, W = packed_weight(32, 64, 3, 16, rows=32)
     x = torch.randn(64, 10).T  # (10, 64), column-major
@@ -74,9 +111,13 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("tokens", [1, 16])
-def test_opcheck(tokens):
+@pytest.mark.parametrize("rht", [False, True])
+def test_opcheck(tokens, rht):
+    from yaqa_ext.hadamard import RHT
+
     q, s, z, _ = packed_weight(16, 24, 4, 8, rows=16)
-    torch.library.opcheck(torch.ops.yaqa.int_matmul.default, (torch.randn(tokens, 24), q, s, z, 4, 8))
+    extra = RHT(16, 24, seed=0).fused_args(torch.device("cpu")) if rht else ()
+    torch.library.opcheck(torch.ops.yaqa.int_matmul.default, (torch.randn(tokens, 24), q, s, z, 4, 8, *extra))
 
 
 def test_compiled_quantized_layer_matches_eager():

@@ -175,10 +175,12 @@ __attribute__((target("avx2,fma"), always_inline)) inline float hsum(__m256 v) {
 }
 
 // Rows [begin, end) of y (T x m), T tokens: y[t, j] = sum_g s[j, g] (sum_{i in g} c[j, i] x[t, i]) - sum_g s z xsum.
-// Needs group_size % 8 == 0.
+// Needs group_size % 8 == 0. U independent partial sums per token keep at least four FMA chains in flight
+// (an FMA's latency is ~4 cycles; one chain would stall on every block of 8 weights).
 template <int B, int T>
 __attribute__((target("avx2,fma"))) void fused_rows(const Packed& w, const float* x, const float* xsum,
                                                     const Grid& grid, float* y, int64_t begin, int64_t end) {
+  constexpr int U = T >= 4 ? 1 : 4 / T;
   const int64_t n = w.n, gs = w.group_size, groups = n / gs, blocks = gs / 8;
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* row = w.codes + j * w.row_bytes;
@@ -188,16 +190,27 @@ __attribute__((target("avx2,fma"))) void fused_rows(const Packed& w, const float
     float shift[T];
     for (int t = 0; t < T; ++t) total[t] = _mm256_setzero_ps(), shift[t] = 0.0f;
     for (int64_t g = 0; g < groups; ++g) {
-      __m256 part[T];
-      for (int t = 0; t < T; ++t) part[t] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) {
+      __m256 part[T][U];
+      for (int t = 0; t < T; ++t)
+        for (int u = 0; u < U; ++u) part[t][u] = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + U <= blocks; b += U) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t c = g * blocks + b + u;
+          const __m256 codes = decode8<B>(row, c);
+          for (int t = 0; t < T; ++t)
+            part[t][u] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + t * n + c * 8), part[t][u]);
+        }
+      }
+      for (; b < blocks; ++b) {
         const int64_t c = g * blocks + b;
         const __m256 codes = decode8<B>(row, c);
-        for (int t = 0; t < T; ++t) part[t] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + t * n + c * 8), part[t]);
+        for (int t = 0; t < T; ++t) part[t][0] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + t * n + c * 8), part[t][0]);
       }
       const __m256 s = _mm256_set1_ps(sj[g]);
       for (int t = 0; t < T; ++t) {
-        total[t] = _mm256_fmadd_ps(part[t], s, total[t]);
+        for (int u = 1; u < U; ++u) part[t][0] = _mm256_add_ps(part[t][0], part[t][u]);
+        total[t] = _mm256_fmadd_ps(part[t][0], s, total[t]);
         shift[t] += sj[g] * zj[g] * xsum[t * groups + g];
       }
     }
@@ -257,11 +270,17 @@ std::vector<acc_t> group_sums(const acc_t* x, int64_t T, int64_t n, int64_t gs) 
 }  // namespace
 
 at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                          const at::Tensor& zeros, int64_t bits, int64_t group_size) {
+                          const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                          const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
+                          const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out) {
   const int64_t n = check_int_matmul_args(x, qweight, scales, zeros, bits, group_size);
   const int64_t m = qweight.size(0);
+  check_int_matmul_rht(x, m, sign_in, had_in, sign_out, had_out);
   const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor xa = x.reshape({-1, n}).to(ct).contiguous();
+  // With an RHT, the transformed input x S_U Had_n^T, kept in the compute type.
+  const at::Tensor xa = sign_in.has_value()
+                            ? hadamard_transform_cpu(x.reshape({-1, n}).to(ct) * sign_in->to(ct), had_in).contiguous()
+                            : x.reshape({-1, n}).to(ct).contiguous();
   const at::Tensor q = qweight.contiguous();
   const at::Tensor s = scales.to(ct).contiguous(), z = zeros.to(ct).contiguous();
   const int64_t T = xa.size(0), padded = (n + 7) / 8 * 8;
@@ -292,6 +311,7 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   });
   auto out_shape = x.sizes().vec();
   out_shape.back() = m;
+  if (sign_out.has_value()) y = hadamard_transform_cpu(y, had_out).mul_(sign_out->to(ct));  // y Had_m S_V
   return y.to(x.scalar_type()).view(out_shape);
 }
 

@@ -173,6 +173,13 @@ class RHT:
         rht.seed, rht.sign_in, rht.sign_out = seed, sign_in.float(), sign_out.float()
         return rht
 
+    def fused_args(self, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``(sign_in, had_in, sign_out, had_out)`` on ``device``: the arguments that make an op (e.g.
+        :func:`yaqa_ext.ops.int_matmul`) apply :meth:`input_transform` before and :meth:`output_inverse` after."""
+        c_in, c_out = hadamard_factor(self.sign_in.numel())[1], hadamard_factor(self.sign_out.numel())[1]
+        return (self.sign_in.to(device), _small_factor(c_in, False, device), self.sign_out.to(device),
+                _small_factor(c_out, True, device))
+
     def _signs(self, t: Tensor, what: str, shape: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         """The sign vectors in ``t``'s dtype and device, once ``t`` has the shape the RHT needs: ``shape`` of
         'm' / 'n' (this layer's output / input size), a matrix exactly, a vector as the last dimension of a

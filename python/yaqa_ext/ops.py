@@ -218,13 +218,19 @@ def _ldlq_round_fake(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y
     return W.new_empty(W.shape), W.new_empty(W.shape, dtype=torch.uint8)
 
 
-def int_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
-    """``x W_hat^T`` with ``W_hat = (codes - z) * s`` read from the packed codes (never materialised)."""
-    return torch.ops.yaqa.int_matmul.default(x, qweight, scales, zeros, bits, group_size)
+def int_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int,
+               sign_in: Tensor | None = None, had_in: Tensor | None = None, sign_out: Tensor | None = None,
+               had_out: Tensor | None = None) -> Tensor:
+    """``x W_hat^T`` with ``W_hat = (codes - z) * s`` read from the packed codes (never materialised); with
+    ``sign_in`` the input is first ``hadamard_transform(x * sign_in, had_in)``, with ``sign_out`` the output
+    then ``hadamard_transform(y, had_out) * sign_out`` (an RHT around the product, in x's compute precision)."""
+    return torch.ops.yaqa.int_matmul.default(x, qweight, scales, zeros, bits, group_size, sign_in, had_in, sign_out,
+                                             had_out)
 
 
 @torch.library.register_fake("yaqa::int_matmul")
-def _int_matmul_fake(x, qweight, scales, zeros, bits, group_size) -> Tensor:
+def _int_matmul_fake(x, qweight, scales, zeros, bits, group_size, sign_in=None, had_in=None, sign_out=None,
+                     had_out=None) -> Tensor:
     _check_dtypes("int_matmul", _ACTIVATIONS, x=x)
     _check_dtypes("int_matmul", (torch.uint8,), qweight=qweight)
     _check_dtypes("int_matmul", (torch.float16, torch.float32), scales=scales, zeros=zeros)
@@ -239,5 +245,13 @@ def _int_matmul_fake(x, qweight, scales, zeros, bits, group_size) -> Tensor:
     for name, t in (("scales", scales), ("zeros", zeros)):
         torch._check(t.dim() == 2 and t.size(0) in (1, m) and t.size(1) == n // group_size,
                      lambda: f"int_matmul: {name} must be (1 or m, n / group_size), got {tuple(t.shape)}")
-    _check_devices("int_matmul", x=x, qweight=qweight, scales=scales, zeros=zeros)
+    for sign, had, size, name in ((sign_in, had_in, n, "sign_in"), (sign_out, had_out, m, "sign_out")):
+        torch._check(sign is not None or had is None,
+                     lambda: f"int_matmul: a Hadamard factor was given without {name}; pass the RHT's sign vector with it")
+        if sign is not None:
+            _check_dtypes("int_matmul", (torch.float32,), **{name: sign})
+            torch._check(sign.dim() == 1 and sign.size(0) == size,
+                         lambda: f"int_matmul: {name} must be a vector of {size} signs, got {tuple(sign.shape)}")
+    _check_devices("int_matmul", x=x, qweight=qweight, scales=scales, zeros=zeros, sign_in=sign_in, had_in=had_in,
+                   sign_out=sign_out, had_out=had_out)
     return x.new_empty((*x.shape[:-1], m))

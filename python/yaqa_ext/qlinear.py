@@ -204,8 +204,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xs = x if self.in_scale is None else (x.float() / self.in_scale.float()).to(x.dtype)  # fp16 x / 2^-14 overflows
-        rht, book = self.rht, self.book
-        y = book.matmul(self, xs) if rht is None else rht.output_inverse(book.matmul(self, rht.input_transform(xs)))
+        y = self.book.matmul(self, xs, self.rht)
         if self.lowrank_A is not None:
             y = y + (x @ self.lowrank_B.to(x.dtype).T) @ self.lowrank_A.to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(y.dtype)

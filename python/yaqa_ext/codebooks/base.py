@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..hadamard import RHT
+
 __all__ = ["CODEBOOKS", "Codebook", "Grid", "get_codebook", "register_codebook"]
 
 
@@ -79,8 +81,9 @@ class Codebook(ABC):
 
     @classmethod
     @abstractmethod
-    def matmul(cls, layer: nn.Module, x: Tensor) -> Tensor:
-        """``x W_hat^T`` from the stored codes (x: (..., in_features))."""
+    def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
+        """The product in the layer's original basis from the stored codes (x: (..., in_features)): ``x W_hat^T``,
+        or with an RHT ``rht.output_inverse(rht.input_transform(x) W_hat^T)`` (a kernel may fuse the transforms)."""
 
     @classmethod
     def process_weights_after_loading(cls, layer: nn.Module) -> None:

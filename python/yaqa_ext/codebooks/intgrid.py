@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..bitpack import pack_codes, unpack_codes
+from ..hadamard import RHT
 from .base import Codebook, Grid, register_codebook
 
 __all__ = ["IntCodebook", "IntGrid", "gaussian_optimal_step"]
@@ -216,14 +217,15 @@ class IntCodebook(Codebook):
                                  "the file is corrupt: quantize the model again")
 
     @classmethod
-    def matmul(cls, layer: nn.Module, x: Tensor) -> Tensor:
-        """The fused op (codes decoded as they are used) on the CPU when no gradient is needed; else, until a
-        backend has its kernel or the op a backward, the dequantized weight's matmul."""
+    def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
+        """The fused op (codes decoded as they are used, the RHT applied inside) on the CPU when no gradient is
+        needed; else, until a backend has its kernel or the op a backward, the dequantized weight's matmul."""
         if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
             return ops.int_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.layout["bits"],
-                                  layer.layout["group_size"])
+                                  layer.layout["group_size"], *(() if rht is None else rht.fused_args(x.device)))
         codes, grid = cls.unpack(layer)
-        return x @ grid.decode(codes).to(x.dtype).T
+        W_hat = grid.decode(codes).to(x.dtype)
+        return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
 
     @classmethod
     def upgrade_layout(cls, layout: dict[str, Any], version: int) -> dict[str, Any]:
