@@ -157,3 +157,23 @@ def test_cached_rht_follows_its_sign_buffers():
     after = layer(x)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, fresh(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_quantized_model_matches_eager(shared):
+    """torch.compile of a whole quantized stories260K (every layer through the fused op with its RHT) gives the
+    eager logits."""
+    import copy
+
+    from yaqa_ext import QuantConfig, quantize
+    from yaqa_ext.models import load_model
+
+    model, _ = load_model(str(shared / "models" / "stories260K"))
+    q = copy.deepcopy(model)
+    quantize(q, QuantConfig(method="rtn", bits=4), progress=False)
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = q(tokens).logits
+        compiled = torch.compile(q)(tokens).logits
+    # the compiled graph fuses the elementwise ops around the kernels differently: fp32 rounding only
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

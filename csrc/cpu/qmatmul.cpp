@@ -31,7 +31,8 @@
 namespace yaqa {
 namespace {
 
-constexpr int64_t kSmallBatch = 8;  // up to this many tokens: the row-by-row decode path
+constexpr int64_t kSmallBatch = 16;  // up to this many tokens: the row-by-row decode path
+constexpr int64_t kTokenChunk = 8;   // tokens per pass of the fused path (their accumulators fill the registers)
 constexpr int64_t kTileRows = 256;  // rows dequantized per GEMM on the large-batch path
 
 struct Packed {
@@ -233,19 +234,32 @@ void fused_rows_tokens(const Packed& w, const float* x, const float* xsum, int64
   }
 }
 
-// The fused small-batch path if this machine and layout allow it; false otherwise.
+// The fused small-batch path if this machine and layout allow it (tokens in chunks of kTokenChunk); false
+// otherwise.
 bool fused_small_batch(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y,
                        int64_t begin, int64_t end) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!avx2 || w.group_size % 8 != 0 || T > kSmallBatch) return false;
-  switch (w.bits) {
-    case 1: fused_rows_tokens<1>(w, x, xsum, T, grid, y, begin, end); return true;
-    case 2: fused_rows_tokens<2>(w, x, xsum, T, grid, y, begin, end); return true;
-    case 3: fused_rows_tokens<3>(w, x, xsum, T, grid, y, begin, end); return true;
-    case 4: fused_rows_tokens<4>(w, x, xsum, T, grid, y, begin, end); return true;
-    case 8: fused_rows_tokens<8>(w, x, xsum, T, grid, y, begin, end); return true;
-    default: return false;
+  const bool bits_ok = (w.bits >= 1 && w.bits <= 4) || w.bits == 8;
+  if (!avx2 || !bits_ok || w.group_size % 8 != 0) return false;
+  const int64_t groups = w.n / w.group_size;
+  constexpr int64_t kRowBlock = 32;  // rows whose codes stay in cache while every token chunk reads them
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t r1 = std::min(end, r0 + kRowBlock);
+    for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk) {
+      const int64_t chunk = std::min(kTokenChunk, T - t0);
+      const float* xc = x + t0 * w.n;
+      const float* sc = xsum + t0 * groups;
+      float* yc = y + t0 * w.m;
+      switch (w.bits) {
+        case 1: fused_rows_tokens<1>(w, xc, sc, chunk, grid, yc, r0, r1); break;
+        case 2: fused_rows_tokens<2>(w, xc, sc, chunk, grid, yc, r0, r1); break;
+        case 3: fused_rows_tokens<3>(w, xc, sc, chunk, grid, yc, r0, r1); break;
+        case 4: fused_rows_tokens<4>(w, xc, sc, chunk, grid, yc, r0, r1); break;
+        default: fused_rows_tokens<8>(w, xc, sc, chunk, grid, yc, r0, r1); break;
+      }
+    }
   }
+  return true;
 }
 #endif
 
