@@ -29,6 +29,7 @@ from common import benchmark_parser, device_name  # noqa: E402
 from yaqa_ext import QuantConfig, collect_hessians, dequantize, evaluate, hessians, quantize  # noqa: E402
 from yaqa_ext.data import corpus_texts, prepare_tokens  # noqa: E402
 from yaqa_ext.evaluation import reference_logits  # noqa: E402
+from yaqa_ext.methods import METHODS  # noqa: E402
 from yaqa_ext.models import load_model  # noqa: E402
 
 SECONDS: dict[str, float] = defaultdict(float)
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--n-seqs", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--method", choices=["yaqa", "ldlq", "rtn"], default="yaqa")
+    parser.add_argument("--method", choices=list(METHODS), default="yaqa")
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--eval-seqs", type=int, default=64)
     parser.add_argument("--eval-len", type=int, default=256)
@@ -95,15 +96,16 @@ def main() -> None:
     hessians.ops.input_moment_update = timed("sketch updates", hessians.ops.input_moment_update)
     hessians._write_layers = timed("writing factor files", hessians._write_layers)
     with tempfile.TemporaryDirectory() as tmp:
-        sketch = "input" if args.method == "ldlq" else "B"
+        method = METHODS[args.method]
+        sketch = method.default_sketch
         start = time.perf_counter()
-        if args.method != "rtn":
+        if method.needs_data:
             collect_hessians(model, calib, tmp, sketch=sketch, n_seqs=args.n_seqs, seq_len=args.seq_len,
                              batch_size=args.batch_size, progress=False)
         collect = time.perf_counter() - start
         q = copy.deepcopy(model)
         start = time.perf_counter()
-        quantize(q, QuantConfig(method=args.method, bits=args.bits), hessians=None if args.method == "rtn" else tmp,
+        quantize(q, QuantConfig(method=args.method, bits=args.bits), hessians=tmp if method.needs_data else None,
                  progress=False)
         quant = time.perf_counter() - start
     evaluation = prepare_tokens(corpus_texts("evaluation"), tokenizer, args.eval_seqs, args.eval_len)
