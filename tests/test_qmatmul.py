@@ -177,3 +177,25 @@ def test_compiled_quantized_model_matches_eager(shared):
         compiled = torch.compile(q)(tokens).logits
     # the compiled graph fuses the elementwise ops around the kernels differently: fp32 rounding only
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_property_is_cached_until_a_buffer_changes():
+    """``.weight`` is computed once, then reused; writing a buffer in place gives the new effective weight (the
+    same as a fresh layer built from the same state)."""
+    from yaqa_ext.codebooks import IntGrid
+    from yaqa_ext.hadamard import RHT
+    from yaqa_ext.qlinear import QuantizedLinear
+    from yaqa_ext.rounding import Rounded
+
+    codes = torch.randint(0, 8, (16, 32), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    params = IntGrid(bits=3, group_size=32, scales=torch.full((16, 1), 0.5), zeros=torch.full((16, 1), 3.5))
+    layer = QuantizedLinear.from_rounding(Rounded(params.decode(codes), codes), params, RHT(16, 32, seed=1), None)
+    first = layer.weight
+    assert layer.weight is first
+    torch.testing.assert_close(first, layer.weight_matrix(), rtol=0, atol=0)
+    layer.scales.mul_(2)
+    fresh = QuantizedLinear(**layer.spec())
+    fresh.load_state_dict(layer.state_dict())
+    assert layer.weight is not first
+    torch.testing.assert_close(layer.weight, fresh.weight_matrix(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight, 2 * first, rtol=1e-6, atol=0)  # the scale doubles W (fp32 rounding)

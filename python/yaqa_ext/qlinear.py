@@ -21,6 +21,11 @@ _FORMAT0_LAYOUT = ("bits", "group_size", "scale_rows", "zero_rows")
 """Format 0 (saved before codebooks had names) was INT only, its layout keys at the top level of the spec."""
 
 
+def _state(*tensors: Tensor | None) -> tuple:
+    """Identity and version of tensors: changes when one is replaced or written in place."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors)
+
+
 def effective_weight(W_hat: Tensor, rht: RHT | None, in_scale: Tensor | None = None,
                      lowrank: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``W = (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (fp32, original basis) of a rounding result."""
@@ -102,7 +107,7 @@ class QuantizedLinear(nn.Module):
         """The layer's RHT, its sign vectors unpacked once and kept until a sign buffer is replaced or written."""
         if self.sign_in is None:
             return None
-        key = tuple((b.data_ptr(), b._version, b.device) for b in (self.sign_out, self.sign_in)) + (self.rht_seed,)
+        key = _state(self.sign_out, self.sign_in) + (self.rht_seed,)
         cached = self.__dict__.get("_rht_cache")
         if cached is None or cached[0] != key:
             signs = [unpack_codes(s, 1, k)[0].float() * 2 - 1 for s, k in ((self.sign_out, self.out_features),
@@ -198,9 +203,14 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The effective (out, in) weight, computed on access (like ``nn.Linear.weight``, read-only); code
-        that inspects ``.weight`` (initialisers, dtype or shape checks) keeps working."""
-        return self.weight_matrix()
+        """The effective (out, in) fp32 weight (like ``nn.Linear.weight``, read-only), so code that inspects
+        ``.weight`` (initialisers, dtype or shape checks) keeps working; computed on first access and kept
+        until a buffer is replaced or written (``forward`` never uses it)."""
+        key = _state(*self.buffers())
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_weight_cache"] = (key, self.weight_matrix())
+        return cached[1]
 
     def forward(self, x: Tensor) -> Tensor:
         xs = x if self.in_scale is None else (x.float() / self.in_scale.float()).to(x.dtype)  # fp16 x / 2^-14 overflows
