@@ -105,4 +105,31 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
   return {m, n, groups};
 }
 
+// The tiles must be made of whole codebook units.
+template <class Codebook>
+inline void check_codebook_tiles(int64_t td_x, int64_t td_y) {
+  TORCH_CHECK_VALUE(td_x % Codebook::kUnitRows == 0 && td_y % Codebook::kUnitCols == 0, "ldlq_round: tiles of ", td_x,
+                    " x ", td_y, " are not made of the codebook's ", Codebook::kUnitRows, " x ", Codebook::kUnitCols,
+                    " units; choose td_x, td_y multiples of them");
+}
+
+// What both backends' INT-grid ldlq_round start from: checked, contiguous inputs, the outputs, the policy.
+struct IntGridRounding {
+  at::Tensor W, scales, zeros, W_hat, codes;
+  IntGridPolicy book;
+};
+
+inline IntGridRounding prepare_int_grid_rounding(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                                 const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                                 const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                                                 int64_t td_x, int64_t td_y) {
+  const auto [m, n, groups] = check_ldlq_args(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y);
+  IntGridRounding r{W.contiguous(), scales.contiguous(), zeros.contiguous(), at::Tensor(), at::Tensor(), {}};
+  r.W_hat = at::empty({m, n}, r.W.options());
+  r.codes = at::empty({m, n}, r.W.options().dtype(at::kByte));
+  r.book = IntGridPolicy{r.scales.data_ptr<float>(), r.zeros.data_ptr<float>(), n, groups, group_size,
+                         static_cast<float>((1 << bits) - 1)};
+  return r;
+}
+
 }  // namespace yaqa

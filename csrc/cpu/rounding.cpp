@@ -18,9 +18,7 @@ template <class Codebook>
 void ldlq_round_loop(const Codebook& book, const at::Tensor& W, const at::Tensor& L_in, const at::Tensor& L_out,
                      at::Tensor& W_hat, typename Codebook::Code* cd, int64_t td_x, int64_t td_y) {
   static_assert(Codebook::kUnitRows >= 1 && Codebook::kUnitCols >= 1, "a codebook unit has at least one weight");
-  TORCH_CHECK_VALUE(td_x % Codebook::kUnitRows == 0 && td_y % Codebook::kUnitCols == 0, "ldlq_round: tiles of ", td_x,
-                    " x ", td_y, " are not made of the codebook's ", Codebook::kUnitRows, " x ", Codebook::kUnitCols,
-                    " units; choose td_x, td_y multiples of them");
+  check_codebook_tiles<Codebook>(td_x, td_y);
   const int64_t m = W.size(0), n = W.size(1);
   // G = E (I + L_in) for finished row blocks; only needed when there is output-side feedback.
   at::Tensor G = L_out.defined() ? at::zeros({m, n}, W.options()) : at::Tensor();
@@ -105,19 +103,14 @@ void ldlq_round_loop(const Codebook& book, const at::Tensor& W, const at::Tensor
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in,
-                                                  const std::optional<at::Tensor>& L_out, const at::Tensor& scales_t,
-                                                  const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
+                                                  const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                                  const at::Tensor& zeros, int64_t bits, int64_t group_size,
                                                   int64_t td_x, int64_t td_y) {
-  const auto [m, n, groups] = check_ldlq_args(W_in, L_in, L_out, scales_t, zeros_t, bits, group_size, td_x, td_y);
-  const at::Tensor W = W_in.contiguous();
-  const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
-  at::Tensor W_hat = at::empty({m, n}, W.options());
-  at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
-  const IntGridPolicy book{scales.data_ptr<float>(), zeros.data_ptr<float>(), n, groups, group_size,
-                           static_cast<float>((1 << bits) - 1)};
-  ldlq_round_loop(book, W, L_in.has_value() ? L_in->contiguous() : at::Tensor(),
-                  L_out.has_value() ? L_out->contiguous() : at::Tensor(), W_hat, codes.data_ptr<uint8_t>(), td_x, td_y);
-  return {W_hat, codes};
+  IntGridRounding r = prepare_int_grid_rounding(W_in, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y);
+  ldlq_round_loop(r.book, r.W, L_in.has_value() ? L_in->contiguous() : at::Tensor(),
+                  L_out.has_value() ? L_out->contiguous() : at::Tensor(), r.W_hat, r.codes.data_ptr<uint8_t>(), td_x,
+                  td_y);
+  return {r.W_hat, r.codes};
 }
 
 TORCH_LIBRARY_IMPL(yaqa, CPU, m) { m.impl("ldlq_round", &ldlq_round_cpu); }

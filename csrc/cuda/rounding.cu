@@ -111,9 +111,7 @@ __global__ void ldlq_wavefront_kernel(TileArgs<Codebook> p) {
 template <class Codebook>
 void launch_wavefronts(const Codebook& book, const at::Tensor& W, const at::Tensor& L_in, const at::Tensor& L_out,
                        at::Tensor& W_hat, typename Codebook::Code* codes, int64_t td_x, int64_t td_y) {
-  TORCH_CHECK_VALUE(td_x % Codebook::kUnitRows == 0 && td_y % Codebook::kUnitCols == 0, "ldlq_round: tiles of ", td_x,
-                    " x ", td_y, " are not made of the codebook's ", Codebook::kUnitRows, " x ", Codebook::kUnitCols,
-                    " units; choose td_x, td_y multiples of them");
+  check_codebook_tiles<Codebook>(td_x, td_y);
   const int64_t m = W.size(0), n = W.size(1);
   at::Tensor G = at::zeros({m, n}, W.options());
   TileArgs<Codebook> p{W.data_ptr<float>(),
@@ -146,18 +144,12 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W_in, const
                                                    const std::optional<at::Tensor>& L_out_t, const at::Tensor& scales_t,
                                                    const at::Tensor& zeros_t, int64_t bits, int64_t group_size,
                                                    int64_t td_x, int64_t td_y) {
-  const auto [m, n, groups] = check_ldlq_args(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
   const c10::cuda::CUDAGuard guard(W_in.device());
-  const at::Tensor W = W_in.contiguous();
-  const at::Tensor scales = scales_t.contiguous(), zeros = zeros_t.contiguous();
-  at::Tensor W_hat = at::empty({m, n}, W.options());
-  at::Tensor codes = at::empty({m, n}, W.options().dtype(at::kByte));
-  const IntGridPolicy book{scales.data_ptr<float>(), zeros.data_ptr<float>(), n, groups, group_size,
-                           static_cast<float>((1 << bits) - 1)};
-  launch_wavefronts(book, W, L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor(),
-                    L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor(), W_hat, codes.data_ptr<uint8_t>(), td_x,
-                    td_y);
-  return {W_hat, codes};
+  IntGridRounding r = prepare_int_grid_rounding(W_in, L_in_t, L_out_t, scales_t, zeros_t, bits, group_size, td_x, td_y);
+  launch_wavefronts(r.book, r.W, L_in_t.has_value() ? L_in_t->contiguous() : at::Tensor(),
+                    L_out_t.has_value() ? L_out_t->contiguous() : at::Tensor(), r.W_hat, r.codes.data_ptr<uint8_t>(),
+                    td_x, td_y);
+  return {r.W_hat, r.codes};
 }
 
 TORCH_LIBRARY_IMPL(yaqa, CUDA, m) { m.impl("ldlq_round", &ldlq_round_cuda); }
