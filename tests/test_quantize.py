@@ -431,3 +431,25 @@ def test_a_registered_method_drives_quantize_pipeline_and_cli(stories, stories_f
                      tokenizer=stories[1], progress=False)
     finally:
         del METHODS["gptq-b"]
+
+
+def test_config_is_plain_and_its_hugging_face_form_round_trips(stories, tmp_path):
+    """QuantConfig is a plain dataclass; the model carries its Hugging Face form (quant_method 'yaqa' plus the
+    same fields), which config.json holds and from_pretrained reads back to an equal QuantConfig."""
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from yaqa_ext.hf import YaqaHfConfig
+
+    assert not isinstance(QuantConfig(), QuantizationConfigMixin)
+    model, _ = stories
+    q = copy.deepcopy(model)
+    report = quantize(q, QuantConfig(method="rtn", bits=3, group_size=4), progress=False)
+    hf = q.config.quantization_config
+    assert isinstance(hf, YaqaHfConfig) and hf.quant_method == "yaqa" and hf.quant_config() == report.config
+    q.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved == {"quant_method": "yaqa", **json.loads(json.dumps(report.config.to_dict()))}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.quantization_config.quant_config() == report.config
+    with pytest.raises(ValueError, match="method must be one of"):
+        YaqaHfConfig(method="gptq")

@@ -8,7 +8,8 @@ from .codebooks import Codebook, Grid, IntCodebook, IntGrid
 from .evaluation import EvalResult, evaluate
 from .hadamard import RHT, hadamard_matrix, hadamard_transform
 from .hessians import collect_hessians, load_hessians
-from .hf import QuantConfig, dequantize, export_lora
+from .config import QuantConfig
+from .hf import dequantize, export_lora
 from .ldl import BlockLDL, block_ldl
 from .ops import input_moment_update, sketch_a_update, sketch_b_update
 from .qlinear import QuantizedLinear

@@ -189,7 +189,7 @@ def _collect(args: argparse.Namespace) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from .data import corpus_texts
-    from .hf import QuantConfig
+    from .config import QuantConfig
     from .models import load_model
     from .quantize import quantize
 

@@ -14,7 +14,8 @@ from .data import corpus_texts, prepare_tokens
 from .evaluation import evaluate, reference_logits
 from .fileio import atomic_write_text
 from .hessians import collect_hessians
-from .hf import QuantConfig, dequantize
+from .config import QuantConfig
+from .hf import dequantize
 from .lowrank import INPUT_STAT_METHODS, LOWRANK_METHODS
 from .methods import pipeline_methods
 from .models import load_model
@@ -73,7 +74,7 @@ def run_settings(config: dict | None, **run: int) -> dict:
     """What makes two runs' rows comparable: the run's sizes and every QuantConfig field the methods share
     (the defaults included, so a change of default is not mixed into old results)."""
     shared = QuantConfig(**(config or {})).to_dict()
-    for key in ("method", "bits", "seed", "lowrank_rank", "lowrank_method", "modules", "quant_method"):
+    for key in ("method", "bits", "seed", "lowrank_rank", "lowrank_method", "modules"):
         shared.pop(key)
     return {**run, **shared}
 

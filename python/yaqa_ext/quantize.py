@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .codebooks import Codebook
 from .hadamard import RHT
 from .hessians import HessianFactors, _mix, collect_hessians, find_targets, load_hessians, weight_matrix
-from .hf import QuantConfig, replace_module
+from .config import QuantConfig
+from .hf import YaqaHfConfig, replace_module
 from .ldl import block_ldl
 from .lowrank import INPUT_STAT_METHODS, lowrank_correction
 from .methods import Method, get_method
@@ -252,8 +253,9 @@ def quantize(
     RHT (``config.rht``), ``block_ldl`` with damping ``sigma_reg`` (retried with more), rounding,
     the optional low-rank term (``config.lowrank_rank``; QERA / LQER statistics come from
     ``input_moments``, an ``sketch="input"`` collection, or from ``hessians`` if it is one), and a
-    :class:`QuantizedLinear` in place of the layer. ``model.config.quantization_config`` is set to a copy
-    of ``config`` recording each layer's shape (``config`` itself is not changed), so
+    :class:`QuantizedLinear` in place of the layer. ``model.config.quantization_config`` is set to the
+    Hugging Face form (:class:`yaqa_ext.hf.YaqaHfConfig`) of a copy of ``config`` recording each layer's spec
+    (``config`` itself is not changed; ``report.config`` is that copy), so
     ``model.save_pretrained`` writes a folder ``AutoModelForCausalLM.from_pretrained`` can load.
     """
     if not isinstance(config, QuantConfig):
@@ -315,5 +317,5 @@ def quantize(
             tmp.cleanup()
     config = replace(config, modules=modules)
     if hasattr(model, "config"):
-        model.config.quantization_config = config
+        model.config.quantization_config = YaqaHfConfig.of(config)
     return QuantReport(config, reports)

@@ -1,0 +1,94 @@
+"""What to quantize and how: :class:`QuantConfig`, a plain dataclass the library, the pipeline and the CLI share
+(no Hugging Face types; :mod:`yaqa_ext.hf` adapts it to transformers)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .codebooks import CODEBOOKS, Codebook, get_codebook
+from .lowrank import LOWRANK_METHODS
+from .methods import get_method
+
+__all__ = ["QuantConfig"]
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize (a plain dataclass; :class:`yaqa_ext.hf.YaqaHfConfig` is its Hugging Face form, saved as
+    ``quantization_config`` with ``quant_method: "yaqa"`` in config.json).
+
+    method: a name in :data:`yaqa_ext.methods.METHODS`: ``"yaqa"`` (two-sided LDLQ with H_in and H_out),
+    ``"ldlq"`` (one-sided with H_in, = GPTQ), ``"rtn"`` (round to nearest, no data) or ``"datafree"`` (no
+    data: proxy factors from partner layers' weights, see :mod:`yaqa_ext.datafree`; ``datafree_transform``
+    adds the input-column scaling search for layers without a partner). bits: 2, 3, 4 or 8. quantizer: the codebook, a name in
+    :data:`yaqa_ext.codebooks.CODEBOOKS` (``"int"``: the scalar INT grid, :class:`yaqa_ext.IntCodebook`).
+    scale: ``"channel"`` (one scale per output row) or ``"tensor"``; group_size: None, or the number of
+    input columns per scale (GPTQ-style groups, overrides ``scale``). Scales are searched for the
+    least rounding error (see :class:`IntCodebook`). rht: random Hadamard transform of weights and factors. sigma_reg:
+    relative damping of the normalised factors (retried with more if a factor is indefinite).
+    td_x / td_y: tile rows / columns (the largest divisor of the layer's size at most this). Small
+    tiles feed the rounding error back more finely; with scalar grids 2 x 2 gave clearly lower KL
+    than 16 x 16 (benchmarks/results/quality.md). Vector codebooks want tiles of their dimension.
+    skip: regular expressions of module names to leave unquantized. lowrank_rank / lowrank_method:
+    a rank-k term ``A B`` (fp16) added to each layer after rounding, by one of
+    :data:`yaqa_ext.lowrank.LOWRANK_METHODS` (``"auto"``: ``kl`` with both factors, else ``qera-exact``
+    with input moments, else ``svd``).
+    """
+
+    method: str = "yaqa"
+    bits: int = 2
+    quantizer: str = "int"
+    symmetric: bool = True
+    scale: str = "channel"
+    group_size: int | None = None
+    rht: bool = True
+    sigma_reg: float = 1e-2
+    td_x: int = 2
+    td_y: int = 2
+    seed: int = 0
+    skip: list[str] = field(default_factory=list)
+    lowrank_rank: int = 0
+    lowrank_method: str = "auto"
+    datafree_transform: bool = False
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Filled by quantize() (in a copy): per quantized module, the spec of its QuantizedLinear."""
+
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        if self.quantizer not in CODEBOOKS:
+            raise ValueError(f"quantizer must be a registered codebook, one of {sorted(CODEBOOKS)}, got {self.quantizer!r}")
+        if self.scale not in ("channel", "tensor"):
+            raise ValueError(f"scale must be 'channel' or 'tensor', got {self.scale!r}")
+        self.make_quantizer()  # validates bits and group_size
+        if self.sigma_reg < 0:
+            raise ValueError(f"sigma_reg must be >= 0, got {self.sigma_reg}")
+        if self.td_x < 1 or self.td_y < 1 or self.td_x * self.td_y > 1024:
+            raise ValueError(f"td_x ({self.td_x}) and td_y ({self.td_y}) must be >= 1 with td_x * td_y <= 1024")
+        for pattern in self.skip:
+            re.compile(pattern)
+        if self.lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be >= 0, got {self.lowrank_rank}")
+        if self.lowrank_method not in ("auto", *LOWRANK_METHODS):
+            raise ValueError(f"lowrank_method must be 'auto' or one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
+
+    def make_quantizer(self) -> Codebook:
+        """The codebook this config asks for."""
+        return get_codebook(self.quantizer).from_config(self)
+
+    def skips(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.skip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> QuantConfig:
+        """The config of a dict of its fields; other keys (``quant_method`` of a saved config) are ignored."""
+        return cls(**{k: v for k, v in config_dict.items() if k in cls.__dataclass_fields__})
+
+    def summary(self) -> str:
+        scale = f"group {self.group_size}" if self.group_size else f"{self.scale} scale"
+        lowrank = f", + rank {self.lowrank_rank} {self.lowrank_method}" if self.lowrank_rank else ""
+        return f"{self.method} {self.bits}-bit {self.quantizer}, {scale}{', RHT' if self.rht else ''}{lowrank}"
