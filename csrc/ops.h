@@ -41,6 +41,10 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cuda(const at::Tensor& W, const st
                                                    const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
                                                    const at::Tensor& zeros, int64_t bits, int64_t group_size,
                                                    int64_t td_x, int64_t td_y);
+at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                           const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
+                           const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out);
 #endif
 
 }  // namespace yaqa

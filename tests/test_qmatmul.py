@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA_OK
 
 from yaqa_ext import ops
 from yaqa_ext.bitpack import pack_codes
+
+needs_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
 
 
 def packed_weight(m: int, n: int, bits: int, group_size: int, rows: int, seed: int = 0):
@@ -199,3 +202,39 @@ def test_weight_property_is_cached_until_a_buffer_changes():
     assert layer.weight is not first
     torch.testing.assert_close(layer.weight, fresh.weight_matrix(), rtol=0, atol=0)
     torch.testing.assert_close(layer.weight, 2 * first, rtol=1e-6, atol=0)  # the scale doubles W (fp32 rounding)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("m", "n", "group_size"), [(576, 576, 576), (1536, 576, 64), (7, 13, 13), (64, 1536, 3)])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_matches_dequantize_then_matmul(bits, m, n, group_size, tokens, dtype):
+    """The CUDA GEMV (<= 16 tokens) and tile + GEMM path (more) against the fp64 dequantize-then-matmul reference,
+    with and without the RHT around the product."""
+    from yaqa_ext.hadamard import RHT
+
+    q, s, z, W = packed_weight(m, n, bits, group_size, rows=m, seed=bits)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    ref = x.double() @ W.T
+    y = ops.int_matmul(x.cuda(), q.cuda(), s.cuda(), z.cuda(), bits, group_size)
+    assert y.shape == (tokens, m) and y.dtype == dtype and y.is_cuda
+    # fp64: fp64 maths; fp32: sums in another order (~sqrt(n) ulps); bf16: the tile GEMM rounds W_hat to bf16
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    if m in (576, 1536) and n in (576, 1536):
+        rht = RHT(m, n, seed=2)
+        y = ops.int_matmul(x.cuda(), q.cuda(), s.cuda(), z.cuda(), bits, group_size, *rht.fused_args(torch.device("cuda")))
+        want = ops.int_matmul(x, q, s, z, bits, group_size, *rht.fused_args(torch.device("cpu")))
+        torch.testing.assert_close(y.cpu().double(), want.double(), rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@needs_cuda
+def test_cuda_opcheck():
+    from yaqa_ext.hadamard import RHT
+
+    q, s, z, _ = packed_weight(16, 24, 4, 8, rows=16)
+    for tokens in (1, 32):
+        for extra in ((), RHT(16, 24, seed=0).fused_args(torch.device("cuda"))):
+            args = (torch.randn(tokens, 24).cuda(), q.cuda(), s.cuda(), z.cuda(), 4, 8, *extra)
+            torch.library.opcheck(torch.ops.yaqa.int_matmul.default, args)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._C import WITH_CUDA
 from ..bitpack import pack_codes, unpack_codes
 from ..hadamard import RHT
 from .base import Codebook, Grid, register_codebook
@@ -218,9 +219,11 @@ class IntCodebook(Codebook):
 
     @classmethod
     def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
-        """The fused op (codes decoded as they are used, the RHT applied inside) on the CPU when no gradient is
-        needed; else, until a backend has its kernel or the op a backward, the dequantized weight's matmul."""
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        """The fused op (codes decoded as they are used, the RHT applied inside) on a backend that has its kernel
+        (CPU; CUDA in a CUDA build) when no gradient is needed; else, until the op has a backward, the dequantized
+        weight's matmul."""
+        kernel = x.device.type == "cpu" or (x.device.type == "cuda" and WITH_CUDA)
+        if kernel and not (torch.is_grad_enabled() and x.requires_grad):
             return ops.int_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.layout["bits"],
                                   layer.layout["group_size"], *(() if rht is None else rht.fused_args(x.device)))
         codes, grid = cls.unpack(layer)

@@ -1,0 +1,157 @@
+// Quantized matmul on CUDA: y = x W_hat^T with W_hat = (codes - z) * s decoded from the packed codes.
+// Small batches (decode, up to kSmallBatch tokens): a GEMV with one warp per output row; each lane decodes 8
+// codes at a time from their B bytes (read once from global memory, coalesced across the warp) and multiplies
+// them into one accumulator per token, then the warp reduces with shuffles. Larger batches: rows are dequantized a
+// tile at a time into x's dtype (fp16 / bf16: cuBLAS tensor cores with fp32 accumulation; fp32 / fp64 as is) and
+// multiplied by at::mm, so the weight is never materialised whole. The optional RHT around the product uses the
+// CUDA Hadamard transform. Current stream, device guard, no host synchronisation.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../ops.h"
+#include "../qmatmul.h"
+
+namespace yaqa {
+namespace {
+
+constexpr int kSmallBatch = 16;
+constexpr int kWarpsPerBlock = 8;
+constexpr int64_t kTileRows = 4096;
+
+struct PackedArgs {
+  const uint8_t* codes;
+  int64_t m, n, bits, group_size, row_bytes;
+  int64_t s_stride, z_stride;  // 0 when one row of scales / zeros serves every row
+};
+
+// The 8 codes of chunk c of a row (8 * c .. 8 * c + 7), B bits each, little-endian from byte c * B.
+__device__ __forceinline__ uint64_t chunk_bits(const uint8_t* row, int64_t c, int64_t bits) {
+  uint64_t v = 0;
+  const uint8_t* p = row + c * bits;
+  for (int64_t b = 0; b < bits; ++b) v |= static_cast<uint64_t>(p[b]) << (8 * b);
+  return v;
+}
+
+template <typename acc_t>
+__global__ void int_gemv_kernel(PackedArgs w, const acc_t* __restrict__ x, const acc_t* __restrict__ scales,
+                                const acc_t* __restrict__ zeros, acc_t* __restrict__ y, int T) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= w.m) return;
+  const uint8_t* codes = w.codes + row * w.row_bytes;
+  const acc_t* s = scales + row * w.s_stride;
+  const acc_t* z = zeros + row * w.z_stride;
+  const uint64_t mask = (uint64_t{1} << w.bits) - 1;
+  const int n = static_cast<int>(w.n), gs = static_cast<int>(w.group_size);  // < 2^31 (a row of a real layer)
+  acc_t acc[kSmallBatch];
+#pragma unroll
+  for (int t = 0; t < kSmallBatch; ++t) acc[t] = acc_t(0);
+  const int64_t chunks = (w.n + 7) / 8;
+  for (int64_t c = lane; c < chunks; c += 32) {
+    const uint64_t v = chunk_bits(codes, c, w.bits);
+    const int col0 = static_cast<int>(c) * 8;
+    int g = col0 / gs, next = (g + 1) * gs;  // one division per chunk; the group advances within it
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int col = col0 + k;
+      if (col >= n) break;
+      while (col >= next) ++g, next += gs;
+      const acc_t value = (static_cast<acc_t>((v >> (k * w.bits)) & mask) - z[g]) * s[g];
+#pragma unroll
+      for (int t = 0; t < kSmallBatch; ++t) {
+        if (t < T) acc[t] += value * x[t * w.n + col];
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kSmallBatch; ++t) {
+    if (t >= T) break;
+    acc_t sum = acc[t];
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) y[t * w.m + row] = sum;
+  }
+}
+
+// Rows [j0, j0 + rows) of W_hat into tile (rows x n) in out_t: one thread per 8-code chunk, the values computed
+// in fp64 for an fp64 tile, else in fp32 (s_t: the scales' type, the same as the arithmetic's).
+template <typename out_t, typename s_t>
+__global__ void dequantize_tile_kernel(PackedArgs w, const s_t* __restrict__ scales, const s_t* __restrict__ zeros,
+                                       int64_t j0, int64_t rows, out_t* __restrict__ tile) {
+  const int64_t chunks = (w.n + 7) / 8;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * chunks) return;
+  const int64_t r = idx / chunks, c = idx % chunks, row = j0 + r;
+  const uint64_t v = chunk_bits(w.codes + row * w.row_bytes, c, w.bits);
+  const uint64_t mask = (uint64_t{1} << w.bits) - 1;
+  const s_t* s = scales + row * w.s_stride;
+  const s_t* z = zeros + row * w.z_stride;
+  const int n = static_cast<int>(w.n), gs = static_cast<int>(w.group_size), col0 = static_cast<int>(c) * 8;
+  int g = col0 / gs, next = (g + 1) * gs;
+  for (int k = 0; k < 8; ++k) {
+    const int col = col0 + k;
+    if (col >= n) break;
+    while (col >= next) ++g, next += gs;
+    tile[r * w.n + col] = static_cast<out_t>((static_cast<s_t>((v >> (k * w.bits)) & mask) - z[g]) * s[g]);
+  }
+}
+
+}  // namespace
+
+at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                           const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
+                           const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out) {
+  const int64_t n = check_int_matmul_args(x, qweight, scales, zeros, bits, group_size);
+  const int64_t m = qweight.size(0);
+  check_int_matmul_rht(x, m, sign_in, had_in, sign_out, had_out);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Compute type: fp64 for fp64 activations, else fp32 (the GEMV); the tile GEMM runs in x's own dtype.
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor xa = x.reshape({-1, n}).to(ct);
+  if (sign_in.has_value()) xa = hadamard_transform_cuda(xa * sign_in->to(ct), had_in);
+  xa = xa.contiguous();
+  const int64_t T = xa.size(0);
+  const at::Tensor q = qweight.contiguous();
+  const at::Tensor s = scales.to(ct).contiguous(), z = zeros.to(ct).contiguous();
+  const PackedArgs w{q.data_ptr<uint8_t>(), m, n, bits, group_size, q.size(1),
+                     s.size(0) == 1 ? 0 : s.size(1), z.size(0) == 1 ? 0 : z.size(1)};
+  at::Tensor y = at::empty({T, m}, xa.options());
+  if (T > 0 && T <= kSmallBatch) {
+    const unsigned blocks = static_cast<unsigned>((m + kWarpsPerBlock - 1) / kWarpsPerBlock);
+    AT_DISPATCH_FLOATING_TYPES(ct, "int_matmul_cuda", [&] {
+      int_gemv_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+          w, xa.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+          static_cast<int>(T));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (T > 0) {
+    const auto gemm_t = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? x.scalar_type() : ct;
+    const at::Tensor xg = xa.to(gemm_t);
+    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options().dtype(gemm_t));
+    const int64_t chunks = (n + 7) / 8;
+    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
+      const int64_t rows = std::min(kTileRows, m - j0);
+      const unsigned blocks = static_cast<unsigned>((rows * chunks + 255) / 256);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gemm_t, "int_matmul_cuda_tile", [&] {
+        using s_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;  // = ct
+        dequantize_tile_kernel<scalar_t, s_t><<<blocks, 256, 0, stream>>>(w, s.data_ptr<s_t>(), z.data_ptr<s_t>(), j0,
+                                                                          rows, tile.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      y.narrow(1, j0, rows).copy_(at::mm(xg, tile.narrow(0, 0, rows).t()));
+    }
+  }
+  if (sign_out.has_value()) y = hadamard_transform_cuda(y, had_out).mul_(sign_out->to(ct));  // y Had_m S_V
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = m;
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+TORCH_LIBRARY_IMPL(yaqa, CUDA, m) { m.impl("int_matmul", &int_matmul_cuda); }
+
+}  // namespace yaqa
