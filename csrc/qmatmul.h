@@ -6,14 +6,39 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "checks.h"
 
 namespace yaqa {
 
-// Validates int_matmul's arguments; returns n (x's last dimension, the weight's columns).
+// The optional random Hadamard transform around the product: sign vectors (float32, +-1, of x's n / the
+// output's m entries) and small Hadamard factors (checked by the transform). A factor needs its sign vector.
+inline void check_int_matmul_rht(const at::Tensor& x, int64_t m, const std::optional<at::Tensor>& sign_in,
+                                 const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                                 const std::optional<at::Tensor>& had_out) {
+  constexpr const char* op = "int_matmul";
+  for (const auto& [sign, had, size, name, side] :
+       {std::tuple{&sign_in, &had_in, x.size(-1), "sign_in", "x's last dimension n"},
+        std::tuple{&sign_out, &had_out, m, "sign_out", "the output's m"}}) {
+    TORCH_CHECK_VALUE(sign->has_value() || !had->has_value(), op, ": a Hadamard factor was given without ", name,
+                      "; pass the RHT's sign vector with it");
+    if (!sign->has_value()) continue;
+    const at::Tensor& s = **sign;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == size, op, ": ", name, " must be a vector of ", side, " = ", size,
+                      " signs, got shape ", s.sizes());
+    check_same_device(x, s, op, "x", name);
+    check_no_grad(s, op, name);
+  }
+}
+
+
+// Validates int_matmul's arguments (the RHT's too); returns n (x's last dimension, the weight's columns).
 inline int64_t check_int_matmul_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                     const at::Tensor& zeros, int64_t bits, int64_t group_size) {
+                                     const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                                     const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
+                                     const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out) {
   constexpr const char* op = "int_matmul";
   const auto t = x.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
@@ -39,28 +64,8 @@ inline int64_t check_int_matmul_args(const at::Tensor& x, const at::Tensor& qwei
   }
   check_same_device(x, qweight, op, "x", "qweight");
   check_no_grad(x, op, "x");
+  check_int_matmul_rht(x, m, sign_in, had_in, sign_out, had_out);
   return n;
-}
-
-// The optional random Hadamard transform around the product: sign vectors (float32, +-1, of x's n / the
-// output's m entries) and small Hadamard factors (checked by the transform). A factor needs its sign vector.
-inline void check_int_matmul_rht(const at::Tensor& x, int64_t m, const std::optional<at::Tensor>& sign_in,
-                                 const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
-                                 const std::optional<at::Tensor>& had_out) {
-  constexpr const char* op = "int_matmul";
-  for (const auto& [sign, had, size, name, side] :
-       {std::tuple{&sign_in, &had_in, x.size(-1), "sign_in", "x's last dimension n"},
-        std::tuple{&sign_out, &had_out, m, "sign_out", "the output's m"}}) {
-    TORCH_CHECK_VALUE(sign->has_value() || !had->has_value(), op, ": a Hadamard factor was given without ", name,
-                      "; pass the RHT's sign vector with it");
-    if (!sign->has_value()) continue;
-    const at::Tensor& s = **sign;
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == size, op, ": ", name, " must be a vector of ", side, " = ", size,
-                      " signs, got shape ", s.sizes());
-    check_same_device(x, s, op, "x", name);
-    check_no_grad(s, op, name);
-  }
 }
 
 }  // namespace yaqa

@@ -287,9 +287,9 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
                           const at::Tensor& zeros, int64_t bits, int64_t group_size,
                           const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
                           const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out) {
-  const int64_t n = check_int_matmul_args(x, qweight, scales, zeros, bits, group_size);
+  const int64_t n =
+      check_int_matmul_args(x, qweight, scales, zeros, bits, group_size, sign_in, had_in, sign_out, had_out);
   const int64_t m = qweight.size(0);
-  check_int_matmul_rht(x, m, sign_in, had_in, sign_out, had_out);
   const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // With an RHT, the transformed input x S_U Had_n^T, kept in the compute type.
   const at::Tensor xa = sign_in.has_value()

@@ -105,9 +105,9 @@ at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const
                            const at::Tensor& zeros, int64_t bits, int64_t group_size,
                            const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
                            const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out) {
-  const int64_t n = check_int_matmul_args(x, qweight, scales, zeros, bits, group_size);
+  const int64_t n =
+      check_int_matmul_args(x, qweight, scales, zeros, bits, group_size, sign_in, had_in, sign_out, had_out);
   const int64_t m = qweight.size(0);
-  check_int_matmul_rht(x, m, sign_in, had_in, sign_out, had_out);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Compute type: fp64 for fp64 activations, else fp32 (the GEMV); the tile GEMM runs in x's own dtype.
