@@ -9,12 +9,7 @@
 
 #include "../hadamard.h"
 #include "../ops.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define YAQA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define YAQA_VECTOR_CLONES
-#endif
+#include "vector_clones.h"
 
 namespace yaqa {
 namespace {

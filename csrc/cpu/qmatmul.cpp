@@ -20,12 +20,8 @@
 
 #include "../ops.h"
 #include "../qmatmul.h"
+#include "vector_clones.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define YAQA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define YAQA_VECTOR_CLONES
-#endif
 #define YAQA_INLINE inline __attribute__((always_inline))
 
 namespace yaqa {

@@ -35,7 +35,7 @@ class Method:
     default_sketch: str | None = None
     variants: dict[str, str | None] = field(default_factory=dict)
     own_factors: bool = False
-    """True: the method makes its own factors from the weights and ignores a collection's for rounding."""
+    """True: the method makes its own factors from the weights (its ``layer_factors`` ignores a collection)."""
     column_scale: bool = False
     """True: ``QuantConfig.datafree_transform`` applies (the input-column scale search for factorless layers)."""
 

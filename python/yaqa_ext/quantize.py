@@ -293,7 +293,7 @@ def quantize(
                 raise ValueError(f"{source.path} has no factors for {len(missing)} layers (first: {missing[0]}); "
                                  "collect them, or skip those layers with QuantConfig(skip=[...])")
         _check_sketch(method, factors)
-        layer_factors = method.layer_factors(model, targets, None if method.own_factors else factors)
+        layer_factors = method.layer_factors(model, targets, factors)
         quantizer = config.make_quantizer()
         reports, modules = [], {}
         for t in tqdm(targets, desc=f"quantize {config.summary()}", unit="layer", disable=True if not progress else None):
