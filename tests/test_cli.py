@@ -77,6 +77,16 @@ def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
         with pytest.raises(SystemExit):  # rows of other settings are never mixed into one table
             main(args[:-2] + changed + args[-2:])
         assert f"differing: {name}" in capsys.readouterr().err
+    # Rows saved before a QuantConfig field existed resume when it is at its default, and only then.
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("finetune_epochs", "finetune_lr"):
+        del saved["settings"][key]
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    assert main(args) == 0
+    assert "bit seed" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(args + ["--finetune-epochs", "1"])
+    assert "differing: finetune_epochs" in capsys.readouterr().err
 
 
 def test_run_with_datafree_and_lowrank_methods(shared, tmp_path):

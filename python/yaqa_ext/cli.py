@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--data", default=None, help="text file or folder of *.txt (default: the shared calibration corpus, "
                      "State of the Union addresses up to 1950)")
     col.add_argument("--out", type=_folder, required=True, help="output folder")
-    col.add_argument("--sketch", choices=["B", "A", "input"], default="B", help="default: %(default)s")
+    col.add_argument("--sketch", choices=["B", "A", "input", "B-lw"], default="B",
+                     help="B-lw: Sketch B plus what shrinks it toward its per-token part, for few sequences "
+                     "(default: %(default)s)")
     col.add_argument("--power-iters", type=int, default=1, help="passes (B) or half-iterations (A) (default: %(default)s)")
     col.add_argument("--n-seqs", type=int, default=128, help="default: %(default)s")
     col.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
@@ -131,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--datafree-transform", action="store_true",
                      help="datafree: also search an input-column scaling for layers without a partner")
     qua.add_argument("--skip", type=_regex, action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
+    _finetune_arguments(qua)
     qua.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
     qua.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
 
@@ -161,7 +164,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
     run.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
+    _finetune_arguments(run)
     return parser
+
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="fine-tune each decoder block after each group of its layers is rounded, this many "
+                             "epochs over the calibration activations (default: %(default)s, off)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam's learning rate (default: %(default)s)")
 
 
 def _collect(args: argparse.Namespace) -> None:
@@ -196,11 +207,12 @@ def _quantize(args: argparse.Namespace) -> None:
     config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
                          skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
-                         datafree_transform=args.datafree_transform)
+                         datafree_transform=args.datafree_transform, finetune_epochs=args.finetune_epochs,
+                         finetune_lr=args.finetune_lr)
     out = Path(args.out)
     stale = _previous_output(out)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    needs_data = METHODS[args.method].needs_data and not args.hessians
+    needs_data = (METHODS[args.method].needs_data and not args.hessians) or args.finetune_epochs > 0
     data = (args.data or corpus_texts("calibration")) if needs_data else None
     collect_dir = out / "hessians"  # a killed run resumes its collection from here
     report = quantize(model, config, hessians=args.hessians, data=data, input_moments=args.input_moments,
@@ -287,6 +299,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             config["scale"] = args.scale
         if args.tile is not None:
             config["td_x"] = config["td_y"] = args.tile
+        if args.finetune_epochs:
+            config.update(finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
                      seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device,
                      config=config)

@@ -34,7 +34,8 @@ class QuantConfig:
     skip: regular expressions of module names to leave unquantized. lowrank_rank / lowrank_method:
     a rank-k term ``A B`` (fp16) added to each layer after rounding, by one of
     :data:`yaqa_ext.lowrank.LOWRANK_METHODS` (``"auto"``: ``kl`` with both factors, else ``qera-exact``
-    with input moments, else ``svd``).
+    with input moments, else ``svd``). finetune_epochs / finetune_lr: per-block fine-tuning during quantization
+    (:mod:`yaqa_ext.finetune`; needs calibration data, 0 epochs: off), Adam's learning rate.
     """
 
     method: str = "yaqa"
@@ -52,6 +53,8 @@ class QuantConfig:
     lowrank_rank: int = 0
     lowrank_method: str = "auto"
     datafree_transform: bool = False
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Filled by quantize() (in a copy): per quantized module, the spec of its QuantizedLinear."""
 
@@ -72,6 +75,10 @@ class QuantConfig:
             raise ValueError(f"lowrank_rank must be >= 0, got {self.lowrank_rank}")
         if self.lowrank_method not in ("auto", *LOWRANK_METHODS):
             raise ValueError(f"lowrank_method must be 'auto' or one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0 (0: no fine-tuning), got {self.finetune_epochs}")
+        if not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
 
     def make_quantizer(self) -> Codebook:
         """The codebook this config asks for."""
@@ -91,4 +98,5 @@ class QuantConfig:
     def summary(self) -> str:
         scale = f"group {self.group_size}" if self.group_size else f"{self.scale} scale"
         lowrank = f", + rank {self.lowrank_rank} {self.lowrank_method}" if self.lowrank_rank else ""
-        return f"{self.method} {self.bits}-bit {self.quantizer}, {scale}{', RHT' if self.rht else ''}{lowrank}"
+        finetune = f", fine-tuned {self.finetune_epochs} epochs" if self.finetune_epochs else ""
+        return f"{self.method} {self.bits}-bit {self.quantizer}, {scale}{', RHT' if self.rht else ''}{lowrank}{finetune}"

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from . import ops
 from .data import prepare_tokens
 from .fileio import atomic_save, atomic_write_text
+from .shrinkage import shrink, shrinkage_weight, token_parts
 
 __all__ = [
     "SKETCHES",
+    "TWO_SIDED_SKETCHES",
     "HessianFactors",
     "TargetModule",
     "collect_hessians",
@@ -37,7 +39,12 @@ __all__ = [
     "weight_matrix",
 ]
 
-SKETCHES = ("input", "A", "B")
+SKETCHES = ("input", "A", "B", "B-lw")
+TWO_SIDED_SKETCHES = ("A", "B", "B-lw")
+"""The sketches whose collections hold H_out as well as H_in."""
+STAT_KEYS = ("H_in.token", "H_out.token", "H_in.cov", "H_out.cov")
+"""What a 'B-lw' collection stores beside each factor: its per-token part and the per-sequence inner products
+of the shrinkage estimator (:mod:`yaqa_ext.shrinkage`)."""
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -168,10 +175,10 @@ def _backward_sampled_loss(logits: Tensor, seed: int, round_index: int, seq_ids:
 def _round_plan(sketch: str, power_iters: int) -> list[str]:
     """The passes over the data. 'input': H_in += sum x^T x (forward only). 'B': both factors of
     Sketch B (power-iteration weights from the previous 'B' pass). 'A_out' / 'A_in': one
-    half-iteration of Sketch A (ALGORITHMS.md section 3)."""
+    half-iteration of Sketch A (ALGORITHMS.md section 3). 'B-lw' runs the passes of 'B'."""
     if sketch == "input":
         return ["input"]
-    if sketch == "B":
+    if sketch in ("B", "B-lw"):
         return ["B"] * power_iters
     return ["input"] + [("A_out", "A_in")[k % 2] for k in range(power_iters)]
 
@@ -241,9 +248,11 @@ def _dist_info() -> tuple[int, int]:
 class _Collector:
     """Hooks that feed the accumulation ops during one pass, and the factors they fill."""
 
-    def __init__(self, targets: list[TargetModule], device: torch.device, dtype: torch.dtype, allow_tf32: bool):
+    def __init__(self, targets: list[TargetModule], device: torch.device, dtype: torch.dtype, allow_tf32: bool,
+                 stats: bool = False):
         self.targets = {t.name: t for t in targets}
         self.device, self.dtype, self.allow_tf32 = device, dtype, allow_tf32
+        self.stats = stats  # Sketch B passes also accumulate the STAT_KEYS of the shrinkage estimator
         self.kind = "input"
         self.acc: dict[str, Tensor] = {}  # '<name>.H_in' / '<name>.H_out' of the current pass
         self.prev: dict[str, Tensor] = {}  # the latest finished factors
@@ -262,8 +271,13 @@ class _Collector:
                     acc[f"{t.name}.{side}"] = torch.zeros(size, size, dtype=self.dtype, device=self.device)
                 if kind == "input":  # sum_t |x_t|, the activation statistic of LQER
                     acc[f"{t.name}.x_abs"] = torch.zeros(t.in_features, dtype=self.dtype, device=self.device)
+                if kind == "B" and self.stats:
+                    for side, size in (("H_in", t.in_features), ("H_out", t.out_features)):
+                        acc[f"{t.name}.{side}.token"] = torch.zeros(size, size, dtype=self.dtype, device=self.device)
+                        acc[f"{t.name}.{side}.cov"] = torch.zeros((), dtype=torch.float64, device=self.device)
         self.acc = acc
-        self.weights = {k: _normalised(v) for k, v in self.prev.items()} if kind != "input" else {}
+        self.weights = ({k: _normalised(v) for k, v in self.prev.items() if k.endswith(("H_in", "H_out"))}
+                        if kind != "input" else {})
         self.updates = dict.fromkeys(self.targets, 0)
 
     def finish_round(self) -> None:
@@ -276,7 +290,7 @@ class _Collector:
         for key, H in self.acc.items():
             if not _all_finite(H):
                 raise FloatingPointError(f"the factor {key} has NaN or infinite entries (non-finite activations or gradients)")
-            if H.dim() == 2 and not bool(H.diagonal().any()):
+            if key.endswith(("H_in", "H_out")) and not bool(H.diagonal().any()):
                 warnings.warn(f"the factor {key} is zero: no {'input' if self.kind == 'input' else 'gradient'} signal "
                               "reached this module (a dead layer); quantize rounds that side to nearest", stacklevel=2)
         self.prev.update(self.acc)
@@ -301,7 +315,9 @@ class _Collector:
     def _on_grad(self, name: str, x: Tensor, g: Tensor) -> None:
         X, G = x.to(self.device), g.detach().reshape(*x.shape[:2], -1).to(self.device)
         w = self.weights
-        if self.kind == "B":
+        if self.kind == "B" and self.stats:
+            self._sketch_b_with_stats(name, X, G, w.get(f"{name}.H_in"), w.get(f"{name}.H_out"))
+        elif self.kind == "B":
             ops.sketch_b_update(
                 X, G, self.acc[f"{name}.H_in"], self.acc[f"{name}.H_out"],
                 w.get(f"{name}.H_in"), w.get(f"{name}.H_out"), self.allow_tf32,
@@ -311,6 +327,18 @@ class _Collector:
         else:  # A_in: the weights of the previous H_out half-iteration
             ops.sketch_a_update(X, G, self.acc[f"{name}.H_in"], None, None, w[f"{name}.H_out"], self.allow_tf32)
         self.updates[name] += 1
+
+    def _sketch_b_with_stats(self, name: str, X: Tensor, G: Tensor, P_in: Tensor | None, P_out: Tensor | None) -> None:
+        """Sketch B one sequence at a time, adding each sequence's per-token part ``D_b`` and its inner product
+        ``<S_b - D_b, S_b>`` (same factors as the batched update, up to summation order)."""
+        for b in range(X.size(0)):
+            S_in, S_out = (torch.zeros_like(self.acc[f"{name}.{side}"]) for side in ("H_in", "H_out"))
+            ops.sketch_b_update(X[b : b + 1], G[b : b + 1], S_in, S_out, P_in, P_out, self.allow_tf32)
+            D_in, D_out = token_parts(X[b], G[b], P_in, P_out, self.dtype, self.allow_tf32)
+            for side, S, D in (("H_in", S_in, D_in), ("H_out", S_out, D_out)):
+                self.acc[f"{name}.{side}"] += S
+                self.acc[f"{name}.{side}.token"] += D
+                self.acc[f"{name}.{side}.cov"] += ((S - D) * S).sum(dtype=torch.float64)
 
 
 def _require_grad_hook(module: nn.Module, inputs: tuple, output):
@@ -444,7 +472,7 @@ def _layer_groups(targets: list[TargetModule], layers_per_pass: int | None) -> l
 def _write_layers(out: Path, targets: list[TargetModule], factors: dict[str, Tensor]) -> None:
     by_layer: dict[int, dict[str, Tensor]] = {}
     for t in targets:
-        for side in ("H_in", "H_out", "x_abs"):
+        for side in ("H_in", "H_out", "x_abs", *STAT_KEYS):
             key = f"{t.name}.{side}"
             if key in factors:
                 by_layer.setdefault(t.layer, {})[key] = factors[key]
@@ -482,8 +510,11 @@ def collect_hessians(
     gradients (``power_iters`` passes, each later one weighted by the previous factors);
     ``"A"``: the per-token power iteration (one forward pass for ``sum x^T x``, then
     ``power_iters`` half-iterations, the first updating H_O); ``"input"``: ``sum x^T x`` only
-    (the GPTQ / LDLQ Hessian). Gradients come from the loss of targets sampled from the model's
-    own output distribution. ``data``: see :func:`yaqa_ext.data.prepare_tokens`.
+    (the GPTQ / LDLQ Hessian); ``"B-lw"``: Sketch B plus each factor's per-token part and the
+    per-sequence statistics of :mod:`yaqa_ext.shrinkage`, which :meth:`HessianFactors.load` then
+    shrinks the factors with (about twice the factor arithmetic of ``"B"``, factor files twice the
+    size). Gradients come from the loss of targets sampled from the model's own output distribution.
+    ``data``: see :func:`yaqa_ext.data.prepare_tokens`.
 
     Memory: ``layers`` selects decoder blocks; ``layers_per_pass=k`` collects them k at a time, each
     group with its own passes over the data, its factors written to disk and freed before the next
@@ -556,7 +587,7 @@ def collect_hessians(
         for p, _ in saved_flags:
             p.requires_grad_(False)
         for g in range(group_index, len(groups)):
-            collector = _Collector(groups[g], device, accum_dtype, allow_tf32)
+            collector = _Collector(groups[g], device, accum_dtype, allow_tf32, stats=sketch == "B-lw")
             collector.prev = {k.removeprefix("prev."): v for k, v in saved.items() if k.startswith("prev.")}
             acc = {k.removeprefix("acc."): v for k, v in saved.items() if k.startswith("acc.")} or None
 
@@ -655,28 +686,51 @@ class HessianFactors:
         return info
 
     def load(self, name: str, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor | None]:
-        """``(H_in, H_out)`` of a module (``H_out`` is None for the 'input' sketch)."""
+        """``(H_in, H_out)`` of a module (``H_out`` is None for the 'input' sketch); a 'B-lw' collection's
+        factors shrunk toward their per-token parts by the weights of :meth:`shrinkage`."""
+        if self.sketch != "B-lw":
+            H_in, H_out = self._read(name, device, ("H_in", "H_out"))
+            return H_in, H_out
+        (H_in, D_in, lam_in), (H_out, D_out, lam_out) = self._shrinkage_terms(name, device)
+        return shrink(H_in, D_in, lam_in), shrink(H_out, D_out, lam_out)
+
+    def shrinkage(self, name: str) -> tuple[float, float]:
+        """The shrinkage weights ``(lam_in, lam_out)`` of a module of a 'B-lw' collection (0: the factor as
+        collected, 1: its per-token part alone); see :func:`yaqa_ext.shrinkage.shrinkage_weight`."""
+        if self.sketch != "B-lw":
+            raise ValueError(f"{self.path} is a sketch {self.sketch!r} collection; shrinkage weights need one "
+                             "collected with sketch='B-lw'")
+        return tuple(lam for _, _, lam in self._shrinkage_terms(name, "cpu"))
+
+    def _shrinkage_terms(self, name: str, device: str | torch.device) -> list[tuple[Tensor, Tensor, float]]:
+        """``(factor, its per-token part, shrinkage weight)`` for H_in and for H_out."""
+        H_in, H_out, D_in, D_out, q_in, q_out = self._read(name, device, ("H_in", "H_out", *STAT_KEYS))
+        n = self.manifest["n_seqs"]
+        return [(H, D, shrinkage_weight(H, D, float(q), n)) for H, D, q in ((H_in, D_in, q_in), (H_out, D_out, q_out))]
+
+    def _read(self, name: str, device: str | torch.device, keys: tuple[str, ...]) -> list[Tensor | None]:
+        """The module's tensors ``<name>.<key>``, checked (None: absent, only H_out of an 'input' collection)."""
         info = self._info(name)
         file = self.path / info["file"]
         try:
             with safe_open(str(file), "pt", device=str(device)) as f:
-                keys = set(f.keys())
-                H_in = f.get_tensor(f"{name}.H_in")
-                H_out = f.get_tensor(f"{name}.H_out") if f"{name}.H_out" in keys else None
+                tensors = {k: f.get_tensor(f"{name}.{k}") for k in keys if f"{name}.{k}" in set(f.keys())}
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{file} is missing: the collection in {self.path} is incomplete") from e
         except Exception as e:  # safetensors raises its own error types for damaged files
-            if isinstance(e, KeyError):
-                raise
             raise ValueError(f"{file} cannot be read ({e}); the collection is corrupt") from e
-        if H_out is None and self.sketch != "input":
-            raise ValueError(f"{file} has no {name}.H_out, which a Sketch {self.sketch} collection writes for every "
-                             "module; the collection is corrupt: collect again")
-        for side, H, size in (("H_in", H_in, info["in_features"]), ("H_out", H_out, info["out_features"])):
-            if H is not None and tuple(H.shape) != (size, size):
-                raise ValueError(f"{file}: {name}.{side} has shape {tuple(H.shape)}, expected {(size, size)}; the "
+        missing = [k for k in keys if k not in tensors and not (k == "H_out" and self.sketch == "input")]
+        if missing:
+            raise ValueError(f"{file} has no {', '.join(f'{name}.{k}' for k in missing)}, which a Sketch {self.sketch} "
+                             "collection writes for every module; the collection is corrupt: collect again")
+        sizes = {"H_in": info["in_features"], "H_out": info["out_features"]}
+        for key, H in tensors.items():
+            size = sizes[key.split(".")[0]]
+            expected = () if key.endswith(".cov") else (size, size)
+            if tuple(H.shape) != expected:
+                raise ValueError(f"{file}: {name}.{key} has shape {tuple(H.shape)}, expected {expected}; the "
                                  "collection is corrupt: collect again")
-        return H_in, H_out
+        return [tensors.get(k) for k in keys]
 
 
 def load_hessians(path: str | os.PathLike) -> HessianFactors:

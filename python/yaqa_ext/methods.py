@@ -92,6 +92,6 @@ register_method(Method("rtn", "round to nearest; no data", (False, False), varia
 register_method(DataFreeMethod("datafree", "no data: proxy factors from partner layers' weights", (True, True),
                                variants={"datafree": None}, own_factors=True, column_scale=True))
 register_method(Method("ldlq", "one-sided LDLQ with H_in (= GPTQ); any collection, input moments suffice",
-                       (True, False), ("input", "A", "B"), "input", {"ldlq": "input"}))
+                       (True, False), ("input", "A", "B", "B-lw"), "input", {"ldlq": "input"}))
 register_method(Method("yaqa", "YAQA: two-sided LDLQ with H_in and H_out (a Sketch A or B collection)", (True, True),
-                       ("A", "B"), "B", {"yaqa-A": "A", "yaqa-B": "B"}))
+                       ("A", "B", "B-lw"), "B", {"yaqa-A": "A", "yaqa-B": "B", "yaqa-B-lw": "B-lw"}))

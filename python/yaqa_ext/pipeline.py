@@ -13,7 +13,7 @@ from pathlib import Path
 from .data import corpus_texts, prepare_tokens
 from .evaluation import evaluate, reference_logits
 from .fileio import atomic_write_text
-from .hessians import collect_hessians
+from .hessians import TWO_SIDED_SKETCHES, collect_hessians
 from .config import QuantConfig
 from .hf import dequantize
 from .lowrank import INPUT_STAT_METHODS, LOWRANK_METHODS
@@ -23,7 +23,7 @@ from .quantize import quantize
 
 __all__ = ["format_results", "parse_method", "run_pipeline"]
 
-_POWER_ITERS = {"input": 1, "A": 2, "B": 1}
+_POWER_ITERS = {"input": 1, "A": 2, "B": 1, "B-lw": 1}
 REFERENCE_LOGITS_BUDGET = 4 << 30
 """Bytes of original-model logits the pipeline keeps in memory to evaluate every row against (else it
 runs the original model again for each row)."""  # Sketch A: sum x^T x, then one H_O and one H_I half-iteration
@@ -42,7 +42,7 @@ def parse_method(name: str) -> tuple[str, str | None, int]:
     if kind not in LOWRANK_METHODS or not rank.isdigit() or int(rank) < 1:
         raise ValueError(f"bad low-rank term in {name!r}: write METHOD+LOWRANK:RANK with LOWRANK one of "
                          f"{LOWRANK_METHODS} and RANK >= 1, e.g. 'yaqa-B+kl:8'")
-    if kind == "kl" and variants[base][1] not in ("A", "B"):
+    if kind == "kl" and variants[base][1] not in TWO_SIDED_SKETCHES:
         raise ValueError(f"{name!r}: the 'kl' low-rank term needs YAQA's two factors; use it with yaqa-A or yaqa-B")
     return base, kind, int(rank)
 
@@ -77,6 +77,13 @@ def run_settings(config: dict | None, **run: int) -> dict:
     for key in ("method", "bits", "seed", "lowrank_rank", "lowrank_method", "modules"):
         shared.pop(key)
     return {**run, **shared}
+
+
+def _differing(saved: dict, current: dict) -> list[str]:
+    """The settings in which saved rows differ from this run; a QuantConfig field added since the rows were
+    saved counts as equal at its default (the behaviour before it existed)."""
+    defaults = QuantConfig().to_dict()
+    return sorted(k for k in {**saved, **current} if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
 
 
 def _row_config(config: dict | None, method: tuple[str, str | None, int], bits: int, seed: int) -> QuantConfig:
@@ -123,9 +130,8 @@ def run_pipeline(
                             batch_size=batch_size)
     if results_path.exists():
         saved = json.loads(results_path.read_text())
-        if saved.get("model") != model_name or saved.get("settings") != settings:
-            old = saved.get("settings") or {}
-            changed = sorted(k for k in {**old, **settings} if old.get(k) != settings.get(k))
+        changed = _differing(saved.get("settings") or {}, settings)
+        if saved.get("model") != model_name or changed:
             raise FileExistsError(f"{results_path} holds results of another model or other settings (model "
                                   f"{saved.get('model')!r}, differing: {', '.join(changed) or '-'}); choose another --out")
         rows = saved["rows"]
@@ -164,7 +170,10 @@ def run_pipeline(
                     continue
                 qmodel = copy.deepcopy(model)
                 start = time.perf_counter()
-                report = quantize(qmodel, _row_config(config, parsed[method], b, seed), hessians=hessians, input_moments=moments, progress=False)
+                row_config = _row_config(config, parsed[method], b, seed)
+                report = quantize(qmodel, row_config, hessians=hessians, input_moments=moments, progress=False,
+                                  data=calibration if row_config.finetune_epochs else None, n_seqs=n_seqs,
+                                  seq_len=seq_len, batch_size=batch_size)
                 seconds = time.perf_counter() - start
                 # Evaluated with each layer's effective weight: the function QuantizedLinear computes (up to fp32
                 # rounding), at the speed of a dense layer.

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,12 +17,15 @@ from tqdm.auto import tqdm
 
 from .codebooks import Codebook
 from .hadamard import RHT
-from .hessians import HessianFactors, _mix, collect_hessians, find_targets, load_hessians, weight_matrix
+from .data import prepare_tokens
+from .finetune import quantize_blocks
+from .hessians import (TWO_SIDED_SKETCHES, HessianFactors, TargetModule, _mix, collect_hessians, find_targets,
+                       load_hessians, weight_matrix)
 from .config import QuantConfig
 from .hf import YaqaHfConfig, replace_module
 from .ldl import block_ldl
 from .lowrank import INPUT_STAT_METHODS, lowrank_correction
-from .methods import Method, get_method
+from .methods import LayerFactors, Method, get_method
 from .qlinear import QuantizedLinear, effective_weight
 from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
@@ -52,6 +55,9 @@ class LayerReport:
 class QuantReport:
     config: QuantConfig
     layers: list[LayerReport]
+    finetune: list[tuple[str, float, float]] = field(default_factory=list)
+    """Per fine-tuned group of layers (``config.finetune_epochs``): its first layer, the block's mean squared
+    output error on held-out calibration sequences before fine-tuning and after."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -76,7 +82,8 @@ class QuantReport:
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "bits_per_weight": self.bits_per_weight,
-                "layers": [asdict(r) for r in self.layers]}
+                "layers": [asdict(r) for r in self.layers],
+                "finetune": [{"group": g, "error_before": a, "error_after": b} for g, a, b in self.finetune]}
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -196,7 +203,7 @@ def _check_lowrank_statistics(config: QuantConfig, hessians: HessianFactors | No
     if lowrank in INPUT_STAT_METHODS and moments is None and sketch != "input":
         raise ValueError(f"lowrank_method {lowrank!r} needs the input statistics: pass input_moments=DIR from "
                          "collect_hessians(..., sketch='input') (CLI: --input-moments), or hessians from one")
-    if lowrank == "kl" and (get_method(config.method).own_factors or sketch not in ("A", "B")):
+    if lowrank == "kl" and (get_method(config.method).own_factors or sketch not in TWO_SIDED_SKETCHES):
         raise ValueError("lowrank_method 'kl' needs YAQA's two factors H_in and H_out: use it with hessians from "
                          "a Sketch A or B collection and method 'yaqa' or 'ldlq' (or choose another lowrank_method)")
 
@@ -225,6 +232,22 @@ def _normalised(H: Tensor | None, name: str, side: str) -> Tensor | None:
                       "this layer); that side is rounded without feedback (identity factor)", stacklevel=3)
         return None
     return H / scale
+
+
+def _quantize_target(t: TargetModule, config: QuantConfig, quantizer: Codebook, layer_factors: LayerFactors,
+                     moments: HessianFactors | None) -> tuple[QuantizedLinear, LayerReport]:
+    """One target's QuantizedLinear (from its current weight) and report; errors name the layer."""
+    W0 = weight_matrix(t.module).float()
+    H_in, H_out = layer_factors(t.name, W0.device)
+    stats = {"R": None if moments is None else moments.load(t.name, W0.device)[0],
+             "x_abs": None if moments is None else moments.abs_mean(t.name, W0.device)}
+    try:
+        return _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
+                               _normalised(H_in, t.name, "H_in"), _normalised(H_out, t.name, "H_out"), stats)
+    except (ValueError, torch.linalg.LinAlgError) as e:
+        if str(e).startswith(f"layer {t.name}:"):
+            raise
+        raise type(e)(f"layer {t.name}: {e}") from e
 
 
 @torch.no_grad()
@@ -257,6 +280,9 @@ def quantize(
     Hugging Face form (:class:`yaqa_ext.hf.YaqaHfConfig`) of a copy of ``config`` recording each layer's spec
     (``config`` itself is not changed; ``report.config`` is that copy), so
     ``model.save_pretrained`` writes a folder ``AutoModelForCausalLM.from_pretrained`` can load.
+    ``config.finetune_epochs > 0``: the layers are rounded block by block, each block fine-tuned after each group
+    of layers on the activations of ``data`` (``n_seqs`` x ``seq_len`` tokens, ``batch_size`` a step; see
+    :mod:`yaqa_ext.finetune`); the trained norms and linears are the model's own parameters, saved with it.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a yaqa_ext.QuantConfig, got {type(config).__name__}")
@@ -264,6 +290,9 @@ def quantize(
     needs_factors = method.needs_data
     if needs_factors and hessians is None and data is None:
         raise ValueError(f"method {config.method!r} needs Hessian factors: pass hessians=DIR (from collect_hessians) or data=...")
+    if config.finetune_epochs > 0 and data is None:
+        raise ValueError(f"finetune_epochs={config.finetune_epochs} fine-tunes on calibration activations: pass data=... "
+                         "(the calibration text or tokens), or set finetune_epochs=0")
     sketch = method.default_sketch if sketch is None else sketch
     if needs_factors and hessians is None and sketch not in method.sketches:
         raise ValueError(f"method {config.method!r} rounds with factors of the sketches {method.sketches}, not "
@@ -295,27 +324,29 @@ def quantize(
         _check_sketch(method, factors)
         layer_factors = method.layer_factors(model, targets, factors)
         quantizer = config.make_quantizer()
-        reports, modules = [], {}
-        for t in tqdm(targets, desc=f"quantize {config.summary()}", unit="layer", disable=True if not progress else None):
-            W0 = weight_matrix(t.module).float()
-            H_in, H_out = layer_factors(t.name, W0.device)
-            stats = {"R": None if moments is None else moments.load(t.name, W0.device)[0],
-                     "x_abs": None if moments is None else moments.abs_mean(t.name, W0.device)}
-            try:
-                layer, report = _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
-                                                _normalised(H_in, t.name, "H_in"), _normalised(H_out, t.name, "H_out"),
-                                                stats)
-            except (ValueError, torch.linalg.LinAlgError) as e:
-                if str(e).startswith(f"layer {t.name}:"):
-                    raise
-                raise type(e)(f"layer {t.name}: {e}") from e
-            replace_module(model, t.name, layer)
-            modules[t.name] = layer.spec()
-            reports.append(report)
+        reports, modules, finetuned = [], {}, []
+        bar = tqdm(total=len(targets), desc=f"quantize {config.summary()}", unit="layer",
+                   disable=True if not progress else None)
+
+        def quantize_group(group: list[TargetModule]) -> None:
+            for t in group:
+                layer, report = _quantize_target(t, config, quantizer, layer_factors, moments)
+                replace_module(model, t.name, layer)
+                modules[t.name] = layer.spec()
+                reports.append(report)
+                bar.update(1)
+
+        with bar:
+            if config.finetune_epochs == 0:
+                quantize_group(targets)
+            else:
+                tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
+                finetuned = quantize_blocks(model, targets, tokens, batch_size, config.finetune_epochs,
+                                            config.finetune_lr, quantize_group, bar.set_postfix_str)
     finally:
         if tmp is not None:
             tmp.cleanup()
     config = replace(config, modules=modules)
     if hasattr(model, "config"):
         model.config.quantization_config = YaqaHfConfig.of(config)
-    return QuantReport(config, reports)
+    return QuantReport(config, reports, finetuned)

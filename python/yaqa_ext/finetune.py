@@ -1,0 +1,178 @@
+"""Per-block fine-tuning during quantization (QuIP#-style). A decoder block's linear layers are rounded one group
+at a time (layers reading the same input: q/k/v, gate/up, ...); after each group the block's float parameters
+(the linears not rounded yet, norms, biases) are trained with Adam to minimise the mean squared error
+``||block(X) - block_orig(X)||^2`` on the calibration activations X that reach the block through the already
+quantized blocks below it, and the epoch with the lowest error on held-out sequences is kept (never worse than
+before)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .hessians import TargetModule, decoder_layers
+
+__all__ = ["BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block", "linear_groups", "quantize_blocks"]
+
+
+@dataclass
+class BlockInputs:
+    """What a decoder block is called with, batch by batch: hidden states and the keyword arguments the model
+    passes every block (position embeddings, masks)."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict]
+
+    def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
+        return BlockInputs(hidden, self.kwargs)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden(output) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, tokens: Tensor, batch_size: int) -> BlockInputs:
+    """The inputs of the first decoder block for ``tokens`` (N, T), ``batch_size`` sequences a batch; the
+    model runs only up to that block."""
+    _, blocks = decoder_layers(model)
+    hidden, kwargs = [], []
+
+    def catch(module: nn.Module, args: tuple, kw: dict):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, tokens.size(0), batch_size):
+            try:
+                model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden, kwargs)
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """``block(x)`` for every batch of ``inputs``."""
+    return [_hidden(block(x, **kw)) for x, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
+@torch.no_grad()
+def linear_groups(block: nn.Module, inputs: BlockInputs, targets: Sequence[TargetModule]) -> list[list[TargetModule]]:
+    """``targets`` (linears of this block) grouped by the input they read, in the order the block calls them:
+    one forward of the first batch, each layer's input tensor identified by its storage (the inputs are held
+    until the forward ends, so no storage is reused for another input)."""
+    seen: dict[tuple, list[TargetModule]] = {}
+    held: list[Tensor] = []
+    handles = []
+    for t in targets:
+        def hook(module: nn.Module, args: tuple, t: TargetModule = t) -> None:
+            x = args[0]
+            held.append(x)
+            seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(t)
+        handles.append(t.module.register_forward_pre_hook(hook))
+    try:
+        block(inputs.hidden[0], **inputs.kwargs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    groups = list(seen.values())
+    missing = [t.name for t in targets if not any(t in g for g in groups)]
+    if missing:
+        raise ValueError(f"{missing[0]} is not called by its decoder block's forward; it cannot be fine-tuned "
+                         "through the block (quantize without finetune_epochs, or skip it)")
+    return groups
+
+
+def _trainable(block: nn.Module) -> list[nn.Parameter]:
+    """The block's floating-point parameters (quantized layers hold buffers only)."""
+    return [p for p in block.parameters() if p.is_floating_point()]
+
+
+def _mean_error(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], batches: Sequence[int]) -> float:
+    with torch.no_grad():
+        total = sum(float((_hidden(block(inputs.hidden[b], **inputs.kwargs[b])) - targets[b]).float().square().sum())
+                    for b in batches)
+        return total / sum(targets[b].numel() for b in batches)
+
+
+def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], epochs: int, lr: float,
+                   seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+    """Train the block's float parameters for ``epochs`` passes over the batches (Adam, ``lr``; the last
+    eighth of the batches, at least one, held out when there are two or more) to bring ``block(x)`` to
+    ``targets``; keeps the parameters of the best held-out mean squared error. Returns (error before, after)."""
+    params = _trainable(block)
+    n = len(inputs.hidden)
+    held = list(range(n - max(1, n // 8), n)) if n >= 2 else [0]
+    train = [b for b in range(n) if b not in held] or held
+    best_err = _mean_error(block, inputs, targets, held)
+    before = best_err
+    if not params or epochs == 0:
+        return before, before
+    best = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = random.Random(seed)
+    try:  # in eval mode (no dropout): the block is trained as the quantized model will run
+        for p in params:
+            p.requires_grad_(True)
+        for epoch in range(epochs):
+            for b in order.sample(train, len(train)):
+                with torch.enable_grad():
+                    out = _hidden(block(inputs.hidden[b], **inputs.kwargs[b]))
+                    loss = (out.float() - targets[b].float()).square().mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+            err = _mean_error(block, inputs, targets, held)
+            if on_epoch is not None:
+                on_epoch(epoch, err)
+            if err < best_err:
+                best_err, best = err, [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, value, flag in zip(params, best, flags):
+                p.copy_(value)
+                p.requires_grad_(flag)
+                p.grad = None
+    return before, best_err
+
+
+def quantize_blocks(model: nn.Module, targets: Sequence[TargetModule], tokens: Tensor, batch_size: int, epochs: int,
+                    lr: float, quantize_group: Callable[[list[TargetModule]], None],
+                    progress: Callable[[str], None] | None = None) -> list[tuple[str, float, float]]:
+    """Quantize ``targets`` block by block from the bottom, one input group at a time (``quantize_group``
+    replaces the group's layers in ``model``), fine-tuning the block after each group on the activations of
+    ``tokens``. Returns, per group, (its first layer, mean squared error before fine-tuning, after)."""
+    _, blocks = decoder_layers(model)
+    by_layer: dict[int, list[TargetModule]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    inputs = capture_block_inputs(model, tokens, batch_size)
+    log = []
+    for index in range(max(by_layer) + 1):
+        block = blocks[index]
+        if index in by_layer:
+            goal = block_outputs(block, inputs)
+            for k, group in enumerate(linear_groups(block, inputs, by_layer[index])):
+                quantize_group(group)
+                before, after = finetune_block(block, inputs, goal, epochs, lr, seed=index * 1000 + k)
+                log.append((group[0].name, before, after))
+                if progress is not None:
+                    progress(f"block {index} group {k + 1}: error {before:.3g} -> {after:.3g}")
+        if index < max(by_layer):
+            inputs = inputs.with_hidden(block_outputs(block, inputs))
+    return log

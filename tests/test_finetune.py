@@ -1,0 +1,104 @@
+"""Per-block fine-tuning (yaqa_ext.finetune): captured block inputs against the model's own hidden states, the
+layer groups of known architectures, the never-worse training loop against closed-form targets, and quantize
+with fine-tuning end to end (saved and reloaded)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from yaqa_ext import QuantConfig, quantize
+from yaqa_ext.finetune import BlockInputs, block_outputs, capture_block_inputs, finetune_block, linear_groups
+from yaqa_ext.hessians import decoder_layers, find_targets
+
+TOKENS = torch.randint(0, 64, (12, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_block_by_block_equals_the_models_hidden_states(arch):
+    """Running the captured inputs through the blocks one at a time gives transformers' hidden_states."""
+    model = tiny_model(arch)
+    inputs = capture_block_inputs(model, TOKENS, batch_size=5)
+    assert [x.size(0) for x in inputs.hidden] == [5, 5, 2]
+    with torch.no_grad():
+        states = model(TOKENS, output_hidden_states=True).hidden_states
+    _, blocks = decoder_layers(model)
+    for i in range(len(blocks) - 1):  # the last entry of hidden_states is after the final norm
+        torch.testing.assert_close(torch.cat(inputs.hidden), states[i], rtol=0, atol=0)
+        inputs = inputs.with_hidden(block_outputs(blocks[i], inputs))
+    torch.testing.assert_close(torch.cat(inputs.hidden), states[len(blocks) - 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+    ("gpt2", [["c_attn"], ["attn.c_proj"], ["c_fc"], ["mlp.c_proj"]]),
+])
+def test_linear_groups_follow_the_shared_inputs(arch, expected):
+    model = tiny_model(arch)
+    _, blocks = decoder_layers(model)
+    targets = [t for t in find_targets(model) if t.layer == 1]
+    groups = linear_groups(blocks[1], capture_block_inputs(model, TOKENS[:2], 2), targets)
+    short = {t.name: next(s for s in sum(expected, []) if t.name.endswith(s)) for t in targets}
+    assert [[short[t.name] for t in g] for g in groups] == expected
+
+
+class _Affine(nn.Module):
+    """y = x * a + b: a block whose best parameters for targets x * a0 + b0 are a0, b0."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * self.a + self.b
+
+
+def test_finetune_reaches_the_closed_form_optimum_and_never_gets_worse():
+    g = torch.Generator().manual_seed(1)
+    a0, b0 = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    hidden = [torch.randn(4, 3, 6, generator=g) for _ in range(8)]
+    inputs = BlockInputs(hidden, [{} for _ in hidden])
+    goal = [x * a0 + b0 for x in hidden]
+    block = _Affine(6)
+    before, after = finetune_block(block, inputs, goal, epochs=60, lr=0.05)
+    assert before == pytest.approx(float(torch.cat([(x - y) for x, y in zip(hidden[7:], goal[7:])]).square().mean()))
+    assert after < 1e-4 * before
+    torch.testing.assert_close(block.a.detach(), a0, rtol=0, atol=1e-2)
+    torch.testing.assert_close(block.b.detach(), b0, rtol=0, atol=1e-2)
+    assert all(p.grad is None for p in block.parameters())
+    # A learning rate that diverges: the parameters stay those of the lowest held-out error (the start).
+    diverging = _Affine(6)
+    before, after = finetune_block(diverging, inputs, goal, epochs=3, lr=1e4)
+    assert after == before
+    assert torch.equal(diverging.a.detach(), torch.ones(6)) and torch.equal(diverging.b.detach(), torch.zeros(6))
+
+
+def test_quantize_with_finetuning_lowers_the_block_error_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    config = QuantConfig(method="rtn", bits=2, finetune_epochs=4, finetune_lr=1e-2)
+    plain, tuned = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(plain, QuantConfig(method="rtn", bits=2), progress=False)
+    report = quantize(tuned, config, data=TOKENS, n_seqs=12, seq_len=10, batch_size=2, progress=False)
+    assert len(report.finetune) == 8 and all(after <= before for _, before, after in report.finetune)
+    assert any(after < before for _, before, after in report.finetune)
+    assert report.config.finetune_epochs == 4 and "fine-tuned 4 epochs" in report.config.summary()
+    # Every rounded layer is the same function as without fine-tuning only where nothing above it changed:
+    # the first group of block 0 reads the embeddings through an untrained norm.
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(tuned.get_submodule(first).weight, plain.get_submodule(first).weight)
+    norm_changed = not torch.equal(tuned.model.layers[1].post_attention_layernorm.weight,
+                                   model.model.layers[1].post_attention_layernorm.weight)
+    assert norm_changed, "fine-tuning trained no norm"
+    tuned.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS[:2]).logits, tuned(TOKENS[:2]).logits)
+    with pytest.raises(ValueError, match="pass data="):
+        quantize(copy.deepcopy(model), config, progress=False)
+    with pytest.raises(ValueError, match="finetune_epochs must be >= 0"):
+        QuantConfig(finetune_epochs=-1)
