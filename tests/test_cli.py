@@ -60,6 +60,17 @@ def test_quantize_then_eval_commands(shared, tmp_path, capsys):
     assert 0 < kl < 5
 
 
+def test_quantize_with_finetuning(shared, tmp_path):
+    """--finetune-epochs trains the blocks on calibration text; the per-block checkpoints go once the model is saved."""
+    out = tmp_path / "q"
+    assert main(["quantize", "--method", "rtn", "--bits", "3", "--out", str(out), "--n-seqs", "8", "--seq-len", "32",
+                 "--device", "cpu", "--finetune-epochs", "1", "--finetune-lr", "1e-3"]) == 0
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["config"]["finetune_epochs"] == 1 and len(report["finetune"]) == 5 * 4  # 5 blocks, 4 groups each
+    assert all(e["error_after"] <= e["error_before"] for e in report["finetune"])
+    assert not (out / "finetune-state").exists()
+
+
 def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
     args = ["run", "--out", str(tmp_path), "--methods", "rtn", "yaqa-B", "--bits", "4", "--n-seqs", "8", "--seq-len",
             "64", "--eval-seqs", "4", "--eval-len", "64", "--device", "cpu"]

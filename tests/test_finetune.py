@@ -5,6 +5,7 @@ with fine-tuning end to end (saved and reloaded)."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -102,3 +103,41 @@ def test_quantize_with_finetuning_lowers_the_block_error_and_round_trips(tmp_pat
         quantize(copy.deepcopy(model), config, progress=False)
     with pytest.raises(ValueError, match="finetune_epochs must be >= 0"):
         QuantConfig(finetune_epochs=-1)
+
+
+def test_killed_finetuned_quantization_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """Stopped after block 0 was written, the second run restores it (no rounding or training of its layers
+    again) and ends with the uninterrupted run's model, bit for bit; another configuration is refused."""
+    from yaqa_ext.finetune import BlockCheckpoint
+
+    config = QuantConfig(method="rtn", bits=3, finetune_epochs=2, finetune_lr=1e-2)
+    kw = dict(data=TOKENS, n_seqs=12, seq_len=10, batch_size=3, progress=False, checkpoint_dir=tmp_path / "state")
+    original = tiny_model("llama")
+    saves = []
+
+    def stop_after_first(self, index, block, record, save=BlockCheckpoint.save):
+        save(self, index, block, record)
+        saves.append(index)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(BlockCheckpoint, "save", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(copy.deepcopy(original), config, **kw)
+    assert saves == [0] and (tmp_path / "state" / "block_000.safetensors").exists()
+    resumed = copy.deepcopy(original)
+    rounded = []
+    module = importlib.import_module("yaqa_ext.quantize")
+    with monkeypatch.context() as mp:
+        real = module._quantize_target
+        mp.setattr(module, "_quantize_target", lambda t, *a: rounded.append(t.layer) or real(t, *a))
+        report = quantize(resumed, config, **kw)
+    assert set(rounded) == {1}, "block 0 was rounded again"
+    fresh = copy.deepcopy(original)
+    expected = quantize(fresh, config, data=TOKENS, n_seqs=12, seq_len=10, batch_size=3, progress=False)
+    assert [r.name for r in report.layers] == [r.name for r in expected.layers]
+    assert report.finetune == expected.finetune
+    for (name, a), b in zip(resumed.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileExistsError, match="another model, configuration"):
+        quantize(copy.deepcopy(original), QuantConfig(method="rtn", bits=4, finetune_epochs=2), **kw)

@@ -20,6 +20,7 @@ from .models import DEFAULT_MODEL
 __all__ = ["main"]
 
 REPORT = "quantization_report.json"
+FINETUNE_STATE = "finetune-state"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -215,8 +216,10 @@ def _quantize(args: argparse.Namespace) -> None:
     needs_data = (METHODS[args.method].needs_data and not args.hessians) or args.finetune_epochs > 0
     data = (args.data or corpus_texts("calibration")) if needs_data else None
     collect_dir = out / "hessians"  # a killed run resumes its collection from here
+    blocks_dir = out / FINETUNE_STATE  # and its fine-tuned blocks from here
     report = quantize(model, config, hessians=args.hessians, data=data, input_moments=args.input_moments,
-                      tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len, collect_dir=collect_dir)
+                      tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len, collect_dir=collect_dir,
+                      checkpoint_dir=blocks_dir if args.finetune_epochs else None)
     print(report.table())
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".model-", suffix=".tmp", dir=out) as tmp:
@@ -227,6 +230,7 @@ def _quantize(args: argparse.Namespace) -> None:
         for f in stale - written:  # the previous model's files that this one does not overwrite
             (out / f).unlink()
         publish_files(tmp, out, last="config.json")
+    shutil.rmtree(blocks_dir, ignore_errors=True)  # the saved model holds all of it
     kept = f"; calibration factors kept in {collect_dir}" if collect_dir.exists() else ""
     print(f"quantized model saved to {out} ({report.bits_per_weight:.3f} bits/weight){kept}")
 
@@ -241,7 +245,7 @@ def _previous_output(out: Path) -> set[str]:
     for leftover in out.glob(".model-*.tmp"):  # a killed run's unpublished model
         shutil.rmtree(leftover, ignore_errors=True)
     entries = {f.name for f in out.iterdir()}
-    if entries and REPORT not in entries and entries != {"hessians"}:
+    if entries and REPORT not in entries and not entries <= {"hessians", FINETUNE_STATE}:
         raise FileExistsError(f"--out {out} holds files that are not a yaqa quantize output; choose an empty or new folder")
     return {f for f in entries if (out / f).is_file()}
 

@@ -7,16 +7,22 @@ before)."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
+from .fileio import atomic_save
 from .hessians import TargetModule, decoder_layers
 
-__all__ = ["BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block", "linear_groups", "quantize_blocks"]
+__all__ = ["BlockCheckpoint", "BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block", "linear_groups",
+           "quantize_blocks"]
 
 
 @dataclass
@@ -153,10 +159,14 @@ def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor],
 
 def quantize_blocks(model: nn.Module, targets: Sequence[TargetModule], tokens: Tensor, batch_size: int, epochs: int,
                     lr: float, quantize_group: Callable[[list[TargetModule]], None],
-                    progress: Callable[[str], None] | None = None) -> list[tuple[str, float, float]]:
+                    progress: Callable[[str], None] | None = None, done: frozenset[int] = frozenset(),
+                    on_block: Callable[[int, nn.Module, list[tuple[str, float, float]]], None] | None = None,
+                    ) -> list[tuple[str, float, float]]:
     """Quantize ``targets`` block by block from the bottom, one input group at a time (``quantize_group``
     replaces the group's layers in ``model``), fine-tuning the block after each group on the activations of
-    ``tokens``. Returns, per group, (its first layer, mean squared error before fine-tuning, after)."""
+    ``tokens``. Blocks in ``done`` are already quantized (restored from a checkpoint): their outputs are only
+    passed on. ``on_block(index, block, log)`` runs after each block. Returns, per group, (its first layer, the
+    block's held-out mean squared error before fine-tuning, after)."""
     _, blocks = decoder_layers(model)
     by_layer: dict[int, list[TargetModule]] = {}
     for t in targets:
@@ -165,14 +175,50 @@ def quantize_blocks(model: nn.Module, targets: Sequence[TargetModule], tokens: T
     log = []
     for index in range(max(by_layer) + 1):
         block = blocks[index]
-        if index in by_layer:
-            goal = block_outputs(block, inputs)
+        if index in by_layer and index not in done:
+            goal, entries = block_outputs(block, inputs), []
             for k, group in enumerate(linear_groups(block, inputs, by_layer[index])):
                 quantize_group(group)
                 before, after = finetune_block(block, inputs, goal, epochs, lr, seed=index * 1000 + k)
-                log.append((group[0].name, before, after))
+                entries.append((group[0].name, before, after))
                 if progress is not None:
                     progress(f"block {index} group {k + 1}: error {before:.3g} -> {after:.3g}")
+            log += entries
+            if on_block is not None:
+                on_block(index, block, entries)
         if index < max(by_layer):
             inputs = inputs.with_hidden(block_outputs(block, inputs))
     return log
+
+
+class BlockCheckpoint:
+    """The finished blocks of a fine-tuned quantization in a folder, one ``block_XXX.safetensors`` each (the
+    block's state, and in its metadata the run's fingerprint and a JSON record: the block's layer specs,
+    reports and fine-tuning log), written atomically as each block ends; a run started again with the same
+    fingerprint resumes after them."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"block_{index:03d}.safetensors"
+
+    def save(self, index: int, block: nn.Module, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(block.state_dict(), self._file(index), {"fingerprint": self.fingerprint, "record": json.dumps(record)})
+
+    def finished(self) -> list[tuple[int, dict[str, Tensor], dict]]:
+        """``(block index, state, record)`` of every saved block; refuses a folder of another run."""
+        out = []
+        for file in sorted(self.folder.glob("block_*.safetensors")):
+            try:
+                with safe_open(str(file), "pt") as f:
+                    meta = f.metadata() or {}
+                    state = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise ValueError(f"{file} cannot be read ({e}); delete {self.folder} to start over") from e
+            if meta.get("fingerprint") != self.fingerprint:
+                raise FileExistsError(f"{self.folder} holds blocks of a run with another model, configuration, data or "
+                                      "factors; delete it to start over, or choose another checkpoint folder")
+            out.append((int(file.stem.removeprefix("block_")), state, json.loads(meta["record"])))
+        return out

@@ -69,11 +69,12 @@ def weight_matrix(module: nn.Module) -> Tensor:
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder blocks: the longest ``nn.ModuleList`` whose blocks hold linear layers."""
+    """The model's stack of decoder blocks: the longest ``nn.ModuleList`` whose blocks hold linear layers (in
+    one block at least: the lower ones may be quantized already)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if any(_linear_shape(m) is not None for m in module[0].modules()):
+            if any(_linear_shape(m) is not None for m in module.modules()):
                 if best is None or len(module) > len(best[1]):
                     best = (name, module)
     if best is None:

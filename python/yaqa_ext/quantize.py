@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from tqdm.auto import tqdm
 from .codebooks import Codebook
 from .hadamard import RHT
 from .data import prepare_tokens
-from .finetune import quantize_blocks
-from .hessians import (TWO_SIDED_SKETCHES, HessianFactors, TargetModule, _mix, collect_hessians, find_targets,
-                       load_hessians, weight_matrix)
+from .finetune import BlockCheckpoint, quantize_blocks
+from .hessians import (TWO_SIDED_SKETCHES, HessianFactors, TargetModule, _fingerprint, _mix, collect_hessians,
+                       decoder_layers, find_targets, load_hessians, weight_matrix)
 from .config import QuantConfig
 from .hf import YaqaHfConfig, replace_module
 from .ldl import block_ldl
@@ -234,6 +235,52 @@ def _normalised(H: Tensor | None, name: str, side: str) -> Tensor | None:
     return H / scale
 
 
+def _run_settings(config: QuantConfig, factors: HessianFactors | None, batch_size: int) -> dict:
+    """What a fine-tuned run's checkpoint must agree on, besides the model and the tokens."""
+    return {"config": {k: v for k, v in config.to_dict().items() if k != "modules"}, "batch_size": batch_size,
+            "factors": None if factors is None else factors.manifest.get("fingerprint")}
+
+
+def _restore_blocks(model: nn.Module, checkpoint: BlockCheckpoint | None, modules: dict, reports: list,
+                    finetuned: list, bar: tqdm) -> frozenset[int]:
+    """Put a checkpoint's finished blocks back into ``model`` (their layers, trained parameters, reports); their
+    indices."""
+    if checkpoint is None:
+        return frozenset()
+    _, blocks = decoder_layers(model)
+    done = set()
+    for index, state, record in checkpoint.finished():
+        for name, spec in record["modules"].items():
+            replace_module(model, name, QuantizedLinear.from_spec(spec))
+        blocks[index].load_state_dict(state)
+        modules.update(record["modules"])
+        reports += [LayerReport(**{**r, "shape": tuple(r["shape"]), "tiles": tuple(r["tiles"])}) for r in record["reports"]]
+        finetuned += [tuple(entry) for entry in record["finetune"]]
+        bar.update(len(record["modules"]))
+        done.add(index)
+    return frozenset(done)
+
+
+def _quantize_finetuned(model: nn.Module, targets: list[TargetModule], config: QuantConfig, tokens: Tensor,
+                        batch_size: int, checkpoint: BlockCheckpoint | None,
+                        quantize_group: Callable[[list[TargetModule]], None], modules: dict, reports: list,
+                        bar: tqdm) -> list[tuple[str, float, float]]:
+    """:func:`yaqa_ext.finetune.quantize_blocks` from the checkpoint's last finished block, each block written
+    to it as it ends; the fine-tuning log."""
+    finetuned: list[tuple[str, float, float]] = []
+    done = _restore_blocks(model, checkpoint, modules, reports, finetuned, bar)
+
+    def on_block(index: int, block: nn.Module, log: list[tuple[str, float, float]]) -> None:
+        names = [t.name for t in targets if t.layer == index]
+        record = {"modules": {n: modules[n] for n in names},
+                  "reports": [asdict(r) for r in reports if r.name in names], "finetune": log}
+        checkpoint.save(index, block, record)
+
+    return finetuned + quantize_blocks(model, targets, tokens, batch_size, config.finetune_epochs, config.finetune_lr,
+                                       quantize_group, bar.set_postfix_str, done,
+                                       None if checkpoint is None else on_block)
+
+
 def _quantize_target(t: TargetModule, config: QuantConfig, quantizer: Codebook, layer_factors: LayerFactors,
                      moments: HessianFactors | None) -> tuple[QuantizedLinear, LayerReport]:
     """One target's QuantizedLinear (from its current weight) and report; errors name the layer."""
@@ -264,6 +311,7 @@ def quantize(
     seq_len: int = 512,
     batch_size: int = 8,
     collect_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize every linear layer of the decoder blocks in place; returns the per-layer report.
@@ -283,6 +331,8 @@ def quantize(
     ``config.finetune_epochs > 0``: the layers are rounded block by block, each block fine-tuned after each group
     of layers on the activations of ``data`` (``n_seqs`` x ``seq_len`` tokens, ``batch_size`` a step; see
     :mod:`yaqa_ext.finetune`); the trained norms and linears are the model's own parameters, saved with it.
+    With ``checkpoint_dir`` each finished block is written there, and a run started again with the same model,
+    configuration, data and factors resumes after the last one.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a yaqa_ext.QuantConfig, got {type(config).__name__}")
@@ -341,8 +391,10 @@ def quantize(
                 quantize_group(targets)
             else:
                 tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
-                finetuned = quantize_blocks(model, targets, tokens, batch_size, config.finetune_epochs,
-                                            config.finetune_lr, quantize_group, bar.set_postfix_str)
+                checkpoint = None if checkpoint_dir is None else BlockCheckpoint(
+                    checkpoint_dir, _fingerprint(model, tokens, _run_settings(config, factors, batch_size)))
+                finetuned = _quantize_finetuned(model, targets, config, tokens, batch_size, checkpoint,
+                                                quantize_group, modules, reports, bar)
     finally:
         if tmp is not None:
             tmp.cleanup()
