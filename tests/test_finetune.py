@@ -88,10 +88,16 @@ def test_quantize_with_finetuning_lowers_the_block_error_and_round_trips(tmp_pat
     assert len(report.finetune) == 8 and all(after <= before for _, before, after in report.finetune)
     assert any(after < before for _, before, after in report.finetune)
     assert report.config.finetune_epochs == 4 and "fine-tuned 4 epochs" in report.config.summary()
-    # Every rounded layer is the same function as without fine-tuning only where nothing above it changed:
-    # the first group of block 0 reads the embeddings through an untrained norm.
-    first = "model.layers.0.self_attn.q_proj"
-    assert torch.equal(tuned.get_submodule(first).weight, plain.get_submodule(first).weight)
+    # The first group of block 0 is rounded from the original weights (the same codes as without fine-tuning);
+    # then its channel scales (the relaxed RHT signs, fp16) are trained: its weight is diag(c) W_hat diag(1/d).
+    first, rounded = tuned.get_submodule("model.layers.0.self_attn.q_proj"), plain.get_submodule("model.layers.0.self_attn.q_proj")
+    assert torch.equal(first.codes(), rounded.codes())
+    assert first.in_scale.dtype == first.out_scale.dtype == torch.float16
+    assert not torch.equal(first.out_scale, torch.ones_like(first.out_scale)), "the scales were not trained"
+    expected = first.out_scale.float()[:, None] * rounded.weight / first.in_scale.float()
+    torch.testing.assert_close(first.weight, expected, rtol=1e-6, atol=1e-7)  # fp32 products in another order
+    extra = 16 * (16 + 16) / (16 * 16)  # two fp16 vectors on a 16 x 16 layer
+    assert first.bits_per_weight() == pytest.approx(rounded.bits_per_weight() + extra)
     norm_changed = not torch.equal(tuned.model.layers[1].post_attention_layernorm.weight,
                                    model.model.layers[1].post_attention_layernorm.weight)
     assert norm_changed, "fine-tuning trained no norm"

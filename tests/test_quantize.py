@@ -51,6 +51,35 @@ def test_quantized_linear_is_x_w_hat(rht, granularity):
     torch.testing.assert_close(layer.weight_matrix().double(), effective, rtol=0, atol=1e-6)
 
 
+def test_channel_scales_are_diag_c_w_diag_inverse_d():
+    """With channel scales (what fine-tuning trains): y = x (diag(c) W diag(1/d))^T + b, on the kernel path and the
+    gradient path, and they survive save / reload through the spec."""
+    m, n = 28, 64
+    linear = torch.nn.Linear(n, m)
+    transform = RHT(m, n, seed=4)
+    Wt = transform.transform_weight(linear.weight.detach())
+    params = IntCodebook(3).fit(Wt)
+    rounded = round_to_nearest(Wt, params)
+    layer = QuantizedLinear.from_rounding(rounded, params, transform, linear.bias, channel_scales=True)
+    c, d = (torch.rand(m) + 0.5).half(), (torch.rand(n) + 0.5).half()
+    layer.out_scale.copy_(c)
+    layer.in_scale.copy_(d)
+    effective = c.double()[:, None] * transform.inverse_weight(rounded.W_hat.double()) / d.double()
+    x = torch.randn(5, n, requires_grad=True)
+    expected = x.detach().double() @ effective.T + linear.bias.double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)  # fp32 kernel path
+    y = layer(x)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)  # fp32 gradient path
+    y.sum().backward()
+    torch.testing.assert_close(x.grad.double(), effective.sum(0).expand(5, n), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight_matrix().double(), effective, rtol=0, atol=1e-6)
+    again = QuantizedLinear.from_spec(layer.spec())
+    again.load_state_dict(layer.state_dict())
+    again.check_buffers("layer", layer.spec())
+    torch.testing.assert_close(again.weight_matrix(), layer.weight_matrix(), rtol=0, atol=0)
+
+
 def test_quantized_linear_input_gradient_matches_dense_twin():
     """d/dx of QuantizedLinear with the RHT is d/dx of x @ W_eff^T: W_eff^T g (the RHT's backward)."""
     m, n = 28, 64

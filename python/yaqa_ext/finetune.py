@@ -1,6 +1,7 @@
 """Per-block fine-tuning during quantization (QuIP#-style). A decoder block's linear layers are rounded one group
 at a time (layers reading the same input: q/k/v, gate/up, ...); after each group the block's float parameters
-(the linears not rounded yet, norms, biases) are trained with Adam to minimise the mean squared error
+(the linears not rounded yet, norms, biases, and the rounded layers' channel scales: the RHT's signs relaxed to
+continuous per-channel scales) are trained with Adam to minimise the mean squared error
 ``||block(X) - block_orig(X)||^2`` on the calibration activations X that reach the block through the already
 quantized blocks below it, and the epoch with the lowest error on held-out sequences is kept (never worse than
 before)."""
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from .fileio import atomic_save
 from .hessians import TargetModule, decoder_layers
+from .qlinear import QuantizedLinear
 
 __all__ = ["BlockCheckpoint", "BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block", "linear_groups",
            "quantize_blocks"]
@@ -104,8 +107,31 @@ def linear_groups(block: nn.Module, inputs: BlockInputs, targets: Sequence[Targe
 
 
 def _trainable(block: nn.Module) -> list[nn.Parameter]:
-    """The block's floating-point parameters (quantized layers hold buffers only)."""
+    """The block's floating-point parameters (quantized layers hold buffers only, but their bias and, inside
+    :func:`_trainable_scales`, their channel scales)."""
     return [p for p in block.parameters() if p.is_floating_point()]
+
+
+@contextmanager
+def _trainable_scales(block: nn.Module) -> Iterator[None]:
+    """The channel scales (``in_scale``, ``out_scale``) of the block's quantized layers as fp32 parameters inside
+    the context; stored back as fp16 buffers after (column scales kept >= 2^-14: the layer divides by them)."""
+    swapped = []
+    for layer in block.modules():
+        if isinstance(layer, QuantizedLinear):
+            for key in ("in_scale", "out_scale"):
+                value = layer._buffers.get(key)
+                if value is not None:
+                    del layer._buffers[key]
+                    layer.register_parameter(key, nn.Parameter(value.float(), requires_grad=False))
+                    swapped.append((layer, key))
+    try:
+        yield
+    finally:
+        for layer, key in swapped:
+            value = layer._parameters.pop(key).detach()
+            low = 2**-14 if key == "in_scale" else -65504.0
+            layer.register_buffer(key, value.clamp(low, 65504.0).half())
 
 
 def _mean_error(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], batches: Sequence[int]) -> float:
@@ -117,9 +143,16 @@ def _mean_error(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], ba
 
 def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], epochs: int, lr: float,
                    seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
-    """Train the block's float parameters for ``epochs`` passes over the batches (Adam, ``lr``; the last
-    eighth of the batches, at least one, held out when there are two or more) to bring ``block(x)`` to
-    ``targets``; keeps the parameters of the best held-out mean squared error. Returns (error before, after)."""
+    """Train the block's float parameters and its quantized layers' channel scales for ``epochs`` passes over
+    the batches (Adam, ``lr``; the last eighth of the batches, at least one, held out when there are two or
+    more) to bring ``block(x)`` to ``targets``; keeps the parameters of the best held-out mean squared error.
+    Returns (error before, after; after with the scales in fp32, before they are stored in fp16)."""
+    with _trainable_scales(block):
+        return _train(block, inputs, targets, epochs, lr, seed, on_epoch)
+
+
+def _train(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], epochs: int, lr: float, seed: int,
+           on_epoch: Callable[[int, float], None] | None) -> tuple[float, float]:
     params = _trainable(block)
     n = len(inputs.hidden)
     held = list(range(n - max(1, n // 8), n)) if n >= 2 else [0]

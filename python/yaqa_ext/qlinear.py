@@ -1,6 +1,6 @@
-"""The quantized linear layer: a codebook's stored codes, RHT signs, optional low-rank term and column scale;
-``y = x W^T + b`` with ``W = (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (no RHT: ``W_hat``; no
-column scale d: 1; no low-rank term: 0) and ``W_hat`` the decoded codes (INT: ``(codes - z) * s``)."""
+"""The quantized linear layer: a codebook's stored codes, RHT signs, optional low-rank term and channel scales;
+``y = x W^T + b`` with ``W = diag(c) (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (no RHT: ``W_hat``; no
+column scale d or row scale c: 1; no low-rank term: 0) and ``W_hat`` the decoded codes (INT: ``(codes - z) * s``)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ def _state(*tensors: Tensor | None) -> tuple:
 
 
 def effective_weight(W_hat: Tensor, rht: RHT | None, in_scale: Tensor | None = None,
-                     lowrank: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """``W = (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (fp32, original basis) of a rounding result."""
+                     lowrank: tuple[Tensor, Tensor] | None = None, out_scale: Tensor | None = None) -> Tensor:
+    """``W = diag(c) (S_V Had_m^T W_hat Had_n S_U) diag(1 / d) + A B`` (fp32, original basis) of a rounding result."""
     W = W_hat.float() if rht is None else rht.inverse_weight(W_hat.float())
     if in_scale is not None:
         W = W / in_scale.float()
+    if out_scale is not None:
+        W = W * out_scale.float()[:, None]
     if lowrank is not None:
         W = W + lowrank[0].float() @ lowrank[1].float()
     return W
@@ -44,7 +46,9 @@ class QuantizedLinear(nn.Module):
     weight's buffers and the matmul (INT: ``qweight`` packed codes, ``scales`` / ``zeros`` fp16). Besides them:
     with RHT ``sign_in`` / ``sign_out`` (one bit per sign, packed) plus the ``rht_seed`` that drew them; with a
     low-rank term ``lowrank_A`` (m x k) and ``lowrank_B`` (k x n), fp16; with an input-column scale
-    ``in_scale`` (n, fp16: the weight was quantized as ``W diag(d)``).
+    ``in_scale`` (n, fp16: the weight was quantized as ``W diag(d)``); with an output-row scale ``out_scale``
+    (m, fp16: the rows of the decoded weight are multiplied by it). Fine-tuning trains both scales (the RHT's
+    signs relaxed to continuous per-channel scales, as in QuIP#).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class QuantizedLinear(nn.Module):
         lowrank_rank: int = 0,
         in_scale: bool = False,
         format_version: int | None = None,
+        out_scale: bool = False,
     ) -> None:
         """``format_version``: the codebook format ``layout`` was saved in (None: the current one)."""
         super().__init__()
@@ -88,6 +93,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("in_scale", torch.ones(in_features, dtype=torch.float16))
         else:
             self.in_scale = None
+        if out_scale:
+            self.register_buffer("out_scale", torch.ones(out_features, dtype=torch.float16))
+        else:
+            self.out_scale = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> QuantizedLinear:
@@ -124,14 +133,17 @@ class QuantizedLinear(nn.Module):
         bias: Tensor | None,
         lowrank: tuple[Tensor, Tensor] | None = None,
         in_scale: Tensor | None = None,
+        channel_scales: bool = False,
     ) -> QuantizedLinear:
         """The layer of a rounding result on ``grid`` of the (RHT-transformed, column-scaled by ``in_scale``)
-        weight, plus a low-rank term ``(A, B)`` (stored in fp16)."""
+        weight, plus a low-rank term ``(A, B)`` (stored in fp16); ``channel_scales``: with both channel scales
+        (``in_scale`` ones unless given, ``out_scale`` ones), for fine-tuning to train."""
         m, n = rounded.W_hat.shape
         layer = cls(n, m, grid.codebook, grid.layout(), rht is not None, bias is not None,
                     rht_seed=rht.seed if rht is not None else 0,
                     bias_dtype=bias.dtype if bias is not None else torch.float32,
-                    lowrank_rank=0 if lowrank is None else lowrank[0].size(1), in_scale=in_scale is not None)
+                    lowrank_rank=0 if lowrank is None else lowrank[0].size(1),
+                    in_scale=in_scale is not None or channel_scales, out_scale=channel_scales)
         layer.to(rounded.W_hat.device)
         layer.book.pack(layer, rounded.codes, grid)
         if rht is not None:
@@ -156,6 +168,7 @@ class QuantizedLinear(nn.Module):
             "rht": self.sign_in is not None, "bias": self.bias is not None, "rht_seed": self.rht_seed,
             "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else "float32",
             "lowrank_rank": 0 if self.lowrank_A is None else self.lowrank_A.size(1), "in_scale": self.in_scale is not None,
+            "out_scale": self.out_scale is not None,
         }
 
     def check_buffers(self, name: str, spec: dict, missing: Collection[str] = ()) -> None:
@@ -176,7 +189,7 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None and (self.bias.is_meta or self.bias.shape != (self.out_features,)):
             raise ValueError(f"{name}.bias is missing or not of shape ({self.out_features},); {fix}")
         self.book.check_values(self, name)
-        for key, positive in (("lowrank_A", False), ("lowrank_B", False), ("in_scale", True)):
+        for key, positive in (("lowrank_A", False), ("lowrank_B", False), ("in_scale", True), ("out_scale", False)):
             t = getattr(self, key)
             if t is not None and not bool((torch.isfinite(t) & ((t > 0) if positive else True)).all()):
                 raise ValueError(f"{name}.{key} holds {'non-positive, ' if positive else ''}NaN or infinite values; "
@@ -199,7 +212,7 @@ class QuantizedLinear(nn.Module):
         """The effective ``W`` (fp32, m x n) of ``y = x W^T + b``, in the original basis (with ``lowrank``
         False: without the low-rank term, i.e. the dequantized base weight)."""
         terms = (self.lowrank_A, self.lowrank_B) if lowrank and self.lowrank_A is not None else None
-        return effective_weight(self.dequantized_weight(), self.rht, self.in_scale, terms)
+        return effective_weight(self.dequantized_weight(), self.rht, self.in_scale, terms, self.out_scale)
 
     @property
     def weight(self) -> Tensor:
@@ -215,6 +228,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xs = x if self.in_scale is None else (x.float() / self.in_scale.float()).to(x.dtype)  # fp16 x / 2^-14 overflows
         y = self.book.matmul(self, xs, self.rht)
+        if self.out_scale is not None:
+            y = y * self.out_scale.to(y.dtype)
         if self.lowrank_A is not None:
             y = y + (x @ self.lowrank_B.to(x.dtype).T) @ self.lowrank_A.to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -229,4 +244,5 @@ class QuantizedLinear(nn.Module):
         layout = ", ".join(f"{k}={v}" for k, v in self.layout.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, codebook={self.codebook!r}, "
                 f"{layout}, rht={self.sign_in is not None}, lowrank_rank={rank}, in_scale={self.in_scale is not None}, "
+                f"out_scale={self.out_scale is not None}, "
                 f"bias={self.bias is not None}")

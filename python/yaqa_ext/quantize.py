@@ -178,7 +178,8 @@ def _quantize_layer(
                                   x_abs_mean=stats["x_abs"], R=stats["R"], H_in=H_in, H_out=H_out)
         terms = (A.half().float(), B.half().float())
         lowrank = f"{method}:{A.size(1)}"
-    layer = QuantizedLinear.from_rounding(rounded, grid, rht, bias, lowrank=terms, in_scale=in_scale)
+    layer = QuantizedLinear.from_rounding(rounded, grid, rht, bias, lowrank=terms, in_scale=in_scale,
+                                          channel_scales=config.finetune_epochs > 0)
     dW = W0 - effective_weight(rounded.W_hat, rht, in_scale, terms)  # = W0 - layer.weight_matrix() (W_hat is exact)
     report = LayerReport(
         name=name, shape=(m, n), tiles=tiles, damp_in=damp_in, damp_out=damp_out,
