@@ -252,6 +252,30 @@ def test_yaqa_report_and_lower_kl_than_ldlq_at_4_bits(stories, stories_factors, 
     assert kl["yaqa"] < kl["ldlq"], kl
 
 
+@pytest.mark.parametrize("method", ["yaqa", "ldlq"])
+def test_rounding_scale_search_never_raises_a_layers_proxy(stories, stories_factors, method):
+    """The search includes the fitted scale (factor 1.0) and keeps the least proxy of the factors it feeds back:
+    each layer's proxy (the report's, in the original basis) is at most the unsearched one, lower in some."""
+    model, _ = stories
+    proxies = {}
+    for search in (False, True):
+        report = quantize(copy.deepcopy(model), QuantConfig(method=method, bits=2, rounding_scale_search=search),
+                          hessians=stories_factors, progress=False)
+        key = "proxy_two_sided" if method == "yaqa" else "proxy_one_sided"
+        proxies[search] = [getattr(r, key) for r in report.layers]
+    assert all(s <= p * (1 + 1e-6) for s, p in zip(proxies[True], proxies[False]))  # fp32 rounding of the traces
+    assert sum(proxies[True]) < 0.99 * sum(proxies[False])
+
+
+def test_scaled_int_grid_multiplies_every_codeword():
+    grid = IntCodebook(3, granularity="channel").fit(torch.randn(6, 8))
+    codes = torch.randint(0, 8, (6, 8), dtype=torch.uint8)
+    scaled = grid.scaled(1.2)
+    torch.testing.assert_close(scaled.scales, (grid.scales * 1.2).half().float(), rtol=0, atol=0)  # stored in fp16
+    torch.testing.assert_close(scaled.decode(codes), grid.decode(codes) * scaled.scales.repeat_interleave(8, 1)
+                               / grid.scales.repeat_interleave(8, 1), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("method", ["yaqa", "datafree"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_pipeline_on_every_architecture(arch, method, tmp_path):

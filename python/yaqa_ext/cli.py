@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--datafree-transform", action="store_true",
                      help="datafree: also search an input-column scaling for layers without a partner")
     qua.add_argument("--skip", type=_regex, action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
-    _finetune_arguments(qua)
+    _rounding_arguments(qua)
     qua.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
     qua.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
 
@@ -165,11 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
     run.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
-    _finetune_arguments(run)
+    _rounding_arguments(run)
     return parser
 
 
-def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+def _rounding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounding-scale-search", action="store_true",
+                        help="round with the grid's scales times 0.9 .. 1.3 and keep the least proxy loss (~5x rounding time)")
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="fine-tune each decoder block after each group of its layers is rounded, this many "
                              "epochs over the calibration activations (default: %(default)s, off)")
@@ -209,7 +211,7 @@ def _quantize(args: argparse.Namespace) -> None:
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
                          skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
                          datafree_transform=args.datafree_transform, finetune_epochs=args.finetune_epochs,
-                         finetune_lr=args.finetune_lr)
+                         finetune_lr=args.finetune_lr, rounding_scale_search=args.rounding_scale_search)
     out = Path(args.out)
     stale = _previous_output(out)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
@@ -305,6 +307,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             config["td_x"] = config["td_y"] = args.tile
         if args.finetune_epochs:
             config.update(finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
+        if args.rounding_scale_search:
+            config["rounding_scale_search"] = True
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
                      seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device,
                      config=config)

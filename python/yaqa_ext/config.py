@@ -36,6 +36,9 @@ class QuantConfig:
     :data:`yaqa_ext.lowrank.LOWRANK_METHODS` (``"auto"``: ``kl`` with both factors, else ``qera-exact``
     with input moments, else ``svd``). finetune_epochs / finetune_lr: per-block fine-tuning during quantization
     (:mod:`yaqa_ext.finetune`; needs calibration data, 0 epochs: off), Adam's learning rate.
+    rounding_scale_search: adaptive rounding is run with the grid's scales times each factor of
+    ``ROUNDING_SCALES`` and keeps the result of least proxy loss (the scale that suits round-to-nearest is
+    not the best once errors are fed back; about 5x the rounding time).
     """
 
     method: str = "yaqa"
@@ -55,6 +58,7 @@ class QuantConfig:
     datafree_transform: bool = False
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
+    rounding_scale_search: bool = False
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Filled by quantize() (in a copy): per quantized module, the spec of its QuantizedLinear."""
 

@@ -37,6 +37,11 @@ class Grid(ABC):
     def layout(self) -> dict[str, Any]:
         """The JSON-serialisable shape of the stored layer (the keyword arguments of ``create_weights``)."""
 
+    def scaled(self, factor: float) -> Grid:
+        """The grid with every codeword multiplied by ``factor`` (as the layer stores it), for the scale search
+        of adaptive rounding (``QuantConfig.rounding_scale_search``); codebooks without a scale do not have it."""
+        raise NotImplementedError(f"codebook {self.codebook!r} has no scale to search: set rounding_scale_search=False")
+
 
 class Codebook(ABC):
     """A quantiser: ``fit`` chooses a :class:`Grid` for a weight matrix; the class methods store one in a

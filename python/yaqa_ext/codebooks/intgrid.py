@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -48,6 +48,10 @@ class IntGrid(Grid):
     def ldlq_round(self, W: Tensor, L_in: Tensor | None, L_out: Tensor | None, td_x: int, td_y: int
                    ) -> tuple[Tensor, Tensor]:
         return ops.ldlq_round(W, L_in, L_out, self.scales, self.zeros, self.bits, self.group_size, td_x, td_y)
+
+    def scaled(self, factor: float) -> IntGrid:
+        """Scales times ``factor``, rounded to fp16 as stored; zero points unchanged."""
+        return replace(self, scales=_fp16_scale(self.scales * factor))
 
     def stored(self) -> tuple[Tensor, Tensor]:
         """Scales and zeros as stored: one row when every row is the same."""
