@@ -60,6 +60,18 @@ def test_quantize_then_eval_commands(shared, tmp_path, capsys):
     assert 0 < kl < 5
 
 
+def test_version_and_defaults(capsys):
+    import yaqa_ext
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and f"yaqa_ext {yaqa_ext.__version__}" in capsys.readouterr().out
+    from yaqa_ext.cli import _parser
+
+    args = _parser().parse_args(["quantize", "--out", "q"])
+    assert args.bits == 4 and args.group_size is None  # GPTQ / AWQ users expect 4 bits; one scale per row
+
+
 def test_quantize_with_finetuning(shared, tmp_path):
     """--finetune-epochs trains the blocks on calibration text; the per-block checkpoints go once the model is saved."""
     out = tmp_path / "q"

@@ -506,3 +506,26 @@ def test_config_is_plain_and_its_hugging_face_form_round_trips(stories, tmp_path
     assert loaded.config.quantization_config.quant_config() == report.config
     with pytest.raises(ValueError, match="method must be one of"):
         YaqaHfConfig(method="gptq")
+
+
+def test_quantize_on_load_for_the_data_free_methods(stories, eval_tokens, tmp_path):
+    """from_pretrained(plain folder, quantization_config=YaqaHfConfig(method='rtn')) is quantize() on the loaded
+    model; it saves and reloads; a method that needs calibration data is refused with what to do."""
+    from yaqa_ext.hf import YaqaHfConfig
+
+    model, _ = stories
+    model.save_pretrained(tmp_path / "plain")
+    for method in ("rtn", "datafree"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain",
+                                                      quantization_config=YaqaHfConfig(method=method, bits=4))
+        assert isinstance(loaded.model.layers[0].mlp.down_proj, QuantizedLinear)
+        reference = copy.deepcopy(model)
+        quantize(reference, QuantConfig(method=method, bits=4), progress=False)
+        with torch.no_grad():
+            assert torch.equal(loaded(eval_tokens[:2]).logits, reference(eval_tokens[:2]).logits)
+    loaded.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(eval_tokens[:2]).logits, loaded(eval_tokens[:2]).logits)
+    with pytest.raises(ValueError, match="needs calibration data.*yaqa_ext.quantize"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=YaqaHfConfig(method="ldlq"))

@@ -65,7 +65,11 @@ def _regex(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="yaqa", description="Model-preserving quantization of LLMs (YAQA).")
+    parser.add_argument("--version", action="version",
+                        version=f"yaqa_ext {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="factor a real model's layer Hessians with block_ldl")
@@ -114,12 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--out", type=_folder, required=True, help="output folder for the quantized model")
     qua.add_argument("--method", choices=list(METHODS), default="yaqa",
                      help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + " (default: %(default)s)")
-    qua.add_argument("--bits", type=int, default=2, help="2, 3, 4 or 8 (default: %(default)s)")
+    qua.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: %(default)s)")
     qua.add_argument("--hessians", default=None, help="folder from `yaqa collect` (default: collect from --data first)")
     qua.add_argument("--data", default=None, help="calibration text when collecting (default: the shared calibration corpus)")
     qua.add_argument("--n-seqs", type=int, default=128, help="calibration sequences when collecting (default: %(default)s)")
     qua.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
-    qua.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per tensor)")
+    qua.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per output row)")
     qua.add_argument("--asymmetric", action="store_true", help="min-max grid with zero points")
     qua.add_argument("--no-rht", action="store_true", help="no random Hadamard transform")
     qua.add_argument("--sigma-reg", type=float, default=1e-2, help="relative damping (default: %(default)s)")

@@ -106,16 +106,37 @@ def _not_loaded(module: nn.Module) -> list[str]:
 
 class YaqaHfQuantizer(HfQuantizer):
     """Loads models saved after :func:`yaqa_ext.quantize`: swaps each quantized module for an empty
-    :class:`QuantizedLinear` of the recorded shape before the weights are read."""
+    :class:`QuantizedLinear` of the recorded shape before the weights are read. Given a config for a model
+    that is not quantized (``from_pretrained(path, quantization_config=YaqaHfConfig(method="rtn", bits=4))``),
+    it quantizes on load with the methods that need no calibration data."""
 
-    requires_calibration = True
+    requires_calibration = False  # checked per method in validate_environment
+
+    def validate_environment(self, *args, **kwargs):
+        if self.pre_quantized:
+            return
+        from .methods import get_method
+
+        config = self.quantization_config.quant_config()
+        if get_method(config.method).needs_data or config.finetune_epochs:
+            raise ValueError(
+                f"quantize on load: method {config.method!r}{' with fine-tuning' if config.finetune_epochs else ''} "
+                "needs calibration data, which from_pretrained does not have; load the model, then call "
+                "yaqa_ext.quantize(model, config, data=...) (on load: method 'rtn' or 'datafree')")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        for name, spec in self.quantization_config.modules.items():
-            replace_module(model, name, QuantizedLinear.from_spec(spec))
+        if self.pre_quantized:
+            for name, spec in self.quantization_config.modules.items():
+                replace_module(model, name, QuantizedLinear.from_spec(spec))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            from .quantize import quantize
+
+            quantize(model, self.quantization_config.quant_config(), progress=False)
+            self.quantization_config = model.config.quantization_config  # the filled copy, with each layer's spec
+            return model
         for name, spec in self.quantization_config.modules.items():
             module = model.get_submodule(name)
             module.check_buffers(name, spec, _not_loaded(module))
