@@ -101,9 +101,11 @@ def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
             main(args[:-2] + changed + args[-2:])
         assert f"differing: {name}" in capsys.readouterr().err
     # Rows saved before a QuantConfig field existed resume when it is at its default, and only then.
+    # So do rows whose learning rate differs where fine-tuning was off (it had no effect).
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("finetune_epochs", "finetune_lr"):
+    for key in ("finetune_epochs", "rounding_scale_search"):
         del saved["settings"][key]
+    saved["settings"]["finetune_lr"] = 5e-5
     (tmp_path / "results.json").write_text(json.dumps(saved))
     assert main(args) == 0
     assert "bit seed" not in capsys.readouterr().out

@@ -179,7 +179,7 @@ def _rounding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="fine-tune each decoder block after each group of its layers is rounded, this many "
                              "epochs over the calibration activations (default: %(default)s, off)")
-    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
 
 
 def _collect(args: argparse.Namespace) -> None:

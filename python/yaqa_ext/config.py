@@ -57,7 +57,7 @@ class QuantConfig:
     lowrank_method: str = "auto"
     datafree_transform: bool = False
     finetune_epochs: int = 0
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 1e-3
     rounding_scale_search: bool = False
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Filled by quantize() (in a copy): per quantized module, the spec of its QuantizedLinear."""

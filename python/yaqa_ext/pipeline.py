@@ -81,9 +81,16 @@ def run_settings(config: dict | None, **run: int) -> dict:
 
 def _differing(saved: dict, current: dict) -> list[str]:
     """The settings in which saved rows differ from this run; a QuantConfig field added since the rows were
-    saved counts as equal at its default (the behaviour before it existed)."""
+    saved counts as equal at its default (the behaviour before it existed), and the fine-tuning learning rate
+    only where fine-tuning is on."""
     defaults = QuantConfig().to_dict()
-    return sorted(k for k in {**saved, **current} if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+
+    def effective(settings: dict) -> dict:
+        full = {**defaults, **settings}
+        return {k: v for k, v in full.items() if not (k == "finetune_lr" and full["finetune_epochs"] == 0)}
+
+    saved, current = effective(saved), effective(current)
+    return sorted(k for k in {**saved, **current} if saved.get(k) != current.get(k))
 
 
 def _row_config(config: dict | None, method: tuple[str, str | None, int], bits: int, seed: int) -> QuantConfig:
