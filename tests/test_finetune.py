@@ -72,10 +72,11 @@ def test_finetune_reaches_the_closed_form_optimum_and_never_gets_worse():
     torch.testing.assert_close(block.a.detach(), a0, rtol=0, atol=1e-2)
     torch.testing.assert_close(block.b.detach(), b0, rtol=0, atol=1e-2)
     assert all(p.grad is None for p in block.parameters())
-    # A learning rate that diverges: the parameters stay those of the lowest held-out error (the start).
-    diverging = _Affine(6)
-    before, after = finetune_block(diverging, inputs, goal, epochs=3, lr=1e4)
-    assert after == before
+    # A learning rate that diverges (and so does a tenth of it, the retry): the parameters stay those of the
+    # lowest held-out error, the start.
+    diverging, epochs_run = _Affine(6), []
+    before, after = finetune_block(diverging, inputs, goal, epochs=3, lr=1e4, on_epoch=lambda e, err: epochs_run.append(e))
+    assert after == before and epochs_run == [0, 1, 2, 0, 1, 2]
     assert torch.equal(diverging.a.detach(), torch.ones(6)) and torch.equal(diverging.b.detach(), torch.zeros(6))
 
 

@@ -146,9 +146,13 @@ def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor],
     """Train the block's float parameters and its quantized layers' channel scales for ``epochs`` passes over
     the batches (Adam, ``lr``; the last eighth of the batches, at least one, held out when there are two or
     more) to bring ``block(x)`` to ``targets``; keeps the parameters of the best held-out mean squared error.
+    If no epoch lowers it (a learning rate too large for this block), trains once more at ``lr / 10``.
     Returns (error before, after; after with the scales in fp32, before they are stored in fp16)."""
     with _trainable_scales(block):
-        return _train(block, inputs, targets, epochs, lr, seed, on_epoch)
+        before, after = _train(block, inputs, targets, epochs, lr, seed, on_epoch)
+        if after < before:
+            return before, after
+        return _train(block, inputs, targets, epochs, lr / 10, seed, on_epoch)
 
 
 def _train(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], epochs: int, lr: float, seed: int,
