@@ -180,6 +180,9 @@ def _rounding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune each decoder block after each group of its layers is rounded, this many "
                              "epochs over the calibration activations (default: %(default)s, off)")
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--finetune-e2e-epochs", type=int, default=0,
+                        help="then train the quantized model's norms and channel scales against the original's "
+                             "output distribution (KL), this many epochs (default: %(default)s, off)")
 
 
 def _collect(args: argparse.Namespace) -> None:
@@ -215,11 +218,13 @@ def _quantize(args: argparse.Namespace) -> None:
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
                          skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
                          datafree_transform=args.datafree_transform, finetune_epochs=args.finetune_epochs,
-                         finetune_lr=args.finetune_lr, rounding_scale_search=args.rounding_scale_search)
+                         finetune_lr=args.finetune_lr, finetune_e2e_epochs=args.finetune_e2e_epochs,
+                         rounding_scale_search=args.rounding_scale_search)
     out = Path(args.out)
     stale = _previous_output(out)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    needs_data = (METHODS[args.method].needs_data and not args.hessians) or args.finetune_epochs > 0
+    needs_data = ((METHODS[args.method].needs_data and not args.hessians) or args.finetune_epochs > 0
+                  or args.finetune_e2e_epochs > 0)
     data = (args.data or corpus_texts("calibration")) if needs_data else None
     collect_dir = out / "hessians"  # a killed run resumes its collection from here
     blocks_dir = out / FINETUNE_STATE  # and its fine-tuned blocks from here
@@ -309,8 +314,9 @@ def _dispatch(args: argparse.Namespace) -> None:
             config["scale"] = args.scale
         if args.tile is not None:
             config["td_x"] = config["td_y"] = args.tile
-        if args.finetune_epochs:
-            config.update(finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
+        if args.finetune_epochs or args.finetune_e2e_epochs:
+            config.update(finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                          finetune_e2e_epochs=args.finetune_e2e_epochs)
         if args.rounding_scale_search:
             config["rounding_scale_search"] = True
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,

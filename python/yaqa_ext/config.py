@@ -35,7 +35,9 @@ class QuantConfig:
     a rank-k term ``A B`` (fp16) added to each layer after rounding, by one of
     :data:`yaqa_ext.lowrank.LOWRANK_METHODS` (``"auto"``: ``kl`` with both factors, else ``qera-exact``
     with input moments, else ``svd``). finetune_epochs / finetune_lr: per-block fine-tuning during quantization
-    (:mod:`yaqa_ext.finetune`; needs calibration data, 0 epochs: off), Adam's learning rate.
+    (:mod:`yaqa_ext.finetune`; needs calibration data, 0 epochs: off), Adam's learning rate. finetune_e2e_epochs:
+    then the whole quantized model's float parameters and channel scales trained against the original's
+    output distribution (KL), at the same learning rate (a copy of the original is held meanwhile).
     rounding_scale_search: adaptive rounding is run with the grid's scales times each factor of
     ``ROUNDING_SCALES`` and keeps the result of least proxy loss (the scale that suits round-to-nearest is
     not the best once errors are fed back; about 5x the rounding time).
@@ -58,6 +60,7 @@ class QuantConfig:
     datafree_transform: bool = False
     finetune_epochs: int = 0
     finetune_lr: float = 1e-3
+    finetune_e2e_epochs: int = 0
     rounding_scale_search: bool = False
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Filled by quantize() (in a copy): per quantized module, the spec of its QuantizedLinear."""
@@ -79,8 +82,9 @@ class QuantConfig:
             raise ValueError(f"lowrank_rank must be >= 0, got {self.lowrank_rank}")
         if self.lowrank_method not in ("auto", *LOWRANK_METHODS):
             raise ValueError(f"lowrank_method must be 'auto' or one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
-        if self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0 (0: no fine-tuning), got {self.finetune_epochs}")
+        if self.finetune_epochs < 0 or self.finetune_e2e_epochs < 0:
+            raise ValueError(f"finetune_epochs ({self.finetune_epochs}) and finetune_e2e_epochs "
+                             f"({self.finetune_e2e_epochs}) must be >= 0 (0: no fine-tuning)")
         if not self.finetune_lr > 0:
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
 
@@ -103,4 +107,5 @@ class QuantConfig:
         scale = f"group {self.group_size}" if self.group_size else f"{self.scale} scale"
         lowrank = f", + rank {self.lowrank_rank} {self.lowrank_method}" if self.lowrank_rank else ""
         finetune = f", fine-tuned {self.finetune_epochs} epochs" if self.finetune_epochs else ""
+        finetune += f", end-to-end KL {self.finetune_e2e_epochs} epochs" if self.finetune_e2e_epochs else ""
         return f"{self.method} {self.bits}-bit {self.quantizer}, {scale}{', RHT' if self.rht else ''}{lowrank}{finetune}"

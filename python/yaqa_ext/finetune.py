@@ -24,8 +24,8 @@ from .fileio import atomic_save
 from .hessians import TargetModule, decoder_layers
 from .qlinear import QuantizedLinear
 
-__all__ = ["BlockCheckpoint", "BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block", "linear_groups",
-           "quantize_blocks"]
+__all__ = ["BlockCheckpoint", "BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block",
+           "finetune_end_to_end", "kl_divergence", "linear_groups", "quantize_blocks"]
 
 
 @dataclass
@@ -134,13 +134,6 @@ def _trainable_scales(block: nn.Module) -> Iterator[None]:
             layer.register_buffer(key, value.clamp(low, 65504.0).half())
 
 
-def _mean_error(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], batches: Sequence[int]) -> float:
-    with torch.no_grad():
-        total = sum(float((_hidden(block(inputs.hidden[b], **inputs.kwargs[b])) - targets[b]).float().square().sum())
-                    for b in batches)
-        return total / sum(targets[b].numel() for b in batches)
-
-
 def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], epochs: int, lr: float,
                    seed: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
     """Train the block's float parameters and its quantized layers' channel scales for ``epochs`` passes over
@@ -148,39 +141,82 @@ def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor],
     more) to bring ``block(x)`` to ``targets``; keeps the parameters of the best held-out mean squared error.
     If no epoch lowers it (a learning rate too large for this block), trains once more at ``lr / 10``.
     Returns (error before, after; after with the scales in fp32, before they are stored in fp16)."""
+
+    def loss(b: int) -> Tensor:
+        return (_hidden(block(inputs.hidden[b], **inputs.kwargs[b])).float() - targets[b].float()).square().mean()
+
     with _trainable_scales(block):
-        before, after = _train(block, inputs, targets, epochs, lr, seed, on_epoch)
-        if after < before:
-            return before, after
-        return _train(block, inputs, targets, epochs, lr / 10, seed, on_epoch)
+        return _fit(_trainable(block), loss, [t.numel() for t in targets], epochs, lr, seed, on_epoch)
 
 
-def _train(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], epochs: int, lr: float, seed: int,
-           on_epoch: Callable[[int, float], None] | None) -> tuple[float, float]:
-    params = _trainable(block)
-    n = len(inputs.hidden)
+def kl_divergence(orig_logits: Tensor, logits: Tensor) -> Tensor:
+    """Mean over tokens of ``KL(softmax(orig_logits) || softmax(logits))`` (fp32 at least), differentiable in
+    ``logits``."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_p = torch.log_softmax(orig_logits.to(dtype), -1)
+    return (log_p.exp() * (log_p - torch.log_softmax(logits.to(dtype), -1))).sum(-1).mean()
+
+
+def finetune_end_to_end(model: nn.Module, original: nn.Module, tokens: Tensor, epochs: int, lr: float,
+                        batch_size: int, seed: int = 0) -> tuple[float, float]:
+    """Train a quantized model's float parameters (norms, biases, unquantized layers; not the embeddings or
+    the output layer) and channel scales to minimise the mean per-token ``KL(p_original || p_model)`` on
+    ``tokens`` (N, T), as :func:`finetune_block` trains a block (held-out batches, best epoch kept, one retry
+    at ``lr / 10``). Returns the held-out KL (before, after)."""
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in tokens.split(batch_size)]
+    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+
+    def loss(b: int) -> Tensor:
+        with torch.no_grad():
+            goal = original(input_ids=batches[b], use_cache=False).logits
+        return kl_divergence(goal, model(input_ids=batches[b], use_cache=False).logits)
+
+    with _trainable_scales(model):
+        params = [p for p in _trainable(model) if id(p) not in frozen]
+        return _fit(params, loss, [b.numel() for b in batches], epochs, lr, seed)
+
+
+def _fit(params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: list[int], epochs: int, lr: float,
+         seed: int, on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+    """:func:`_optimise`, again at ``lr / 10`` if no epoch lowered the held-out loss."""
+    before, after = _optimise(params, loss, sizes, epochs, lr, seed, on_epoch)
+    if after < before:
+        return before, after
+    return _optimise(params, loss, sizes, epochs, lr / 10, seed, on_epoch)
+
+
+def _optimise(params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: list[int], epochs: int, lr: float,
+              seed: int, on_epoch: Callable[[int, float], None] | None) -> tuple[float, float]:
+    """Adam on ``loss(batch)`` over the training batches for ``epochs`` (in a seeded order), the last eighth of
+    the ``len(sizes)`` batches (at least one, when there are two) held out; ``params`` end at the epoch of the
+    least held-out loss (the mean over held-out batches weighted by ``sizes``), the start included.
+    Returns the held-out loss (before, after)."""
+    n = len(sizes)
     held = list(range(n - max(1, n // 8), n)) if n >= 2 else [0]
     train = [b for b in range(n) if b not in held] or held
-    best_err = _mean_error(block, inputs, targets, held)
-    before = best_err
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss(b)) * sizes[b] for b in held) / sum(sizes[b] for b in held)
+
+    best_err = before = held_loss()
     if not params or epochs == 0:
         return before, before
     best = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
     optimizer = torch.optim.Adam(params, lr=lr)
     order = random.Random(seed)
-    try:  # in eval mode (no dropout): the block is trained as the quantized model will run
+    try:  # in eval mode (no dropout): trained as the quantized model will run
         for p in params:
             p.requires_grad_(True)
         for epoch in range(epochs):
             for b in order.sample(train, len(train)):
                 with torch.enable_grad():
-                    out = _hidden(block(inputs.hidden[b], **inputs.kwargs[b]))
-                    loss = (out.float() - targets[b].float()).square().mean()
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss(b).backward()
                 optimizer.step()
-            err = _mean_error(block, inputs, targets, held)
+            err = held_loss()
             if on_epoch is not None:
                 on_epoch(epoch, err)
             if err < best_err:

@@ -179,7 +179,7 @@ def run_pipeline(
                 start = time.perf_counter()
                 row_config = _row_config(config, parsed[method], b, seed)
                 report = quantize(qmodel, row_config, hessians=hessians, input_moments=moments, progress=False,
-                                  data=calibration if row_config.finetune_epochs else None, n_seqs=n_seqs,
+                                  data=calibration if row_config.finetune_epochs or row_config.finetune_e2e_epochs else None, n_seqs=n_seqs,
                                   seq_len=seq_len, batch_size=batch_size)
                 seconds = time.perf_counter() - start
                 # Evaluated with each layer's effective weight: the function QuantizedLinear computes (up to fp32

@@ -3,6 +3,7 @@ adaptive rounding (two-sided YAQA, one-sided LDLQ, or round-to-nearest), Quantiz
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from .codebooks import Codebook, Grid
 from .hadamard import RHT
 from .data import prepare_tokens
-from .finetune import BlockCheckpoint, quantize_blocks
+from .finetune import BlockCheckpoint, finetune_end_to_end, quantize_blocks
 from .hessians import (TWO_SIDED_SKETCHES, HessianFactors, TargetModule, _fingerprint, _mix, collect_hessians,
                        decoder_layers, find_targets, load_hessians, weight_matrix)
 from .config import QuantConfig
@@ -59,6 +60,8 @@ class QuantReport:
     finetune: list[tuple[str, float, float]] = field(default_factory=list)
     """Per fine-tuned group of layers (``config.finetune_epochs``): its first layer, the block's mean squared
     output error on held-out calibration sequences before fine-tuning and after."""
+    finetune_e2e: tuple[float, float] | None = None
+    """The held-out KL to the original before and after the end-to-end fine-tune (``config.finetune_e2e_epochs``)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -84,7 +87,8 @@ class QuantReport:
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "bits_per_weight": self.bits_per_weight,
                 "layers": [asdict(r) for r in self.layers],
-                "finetune": [{"group": g, "error_before": a, "error_after": b} for g, a, b in self.finetune]}
+                "finetune": [{"group": g, "error_before": a, "error_after": b} for g, a, b in self.finetune],
+                "finetune_e2e": None if self.finetune_e2e is None else dict(zip(("kl_before", "kl_after"), self.finetune_e2e))}
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -359,9 +363,10 @@ def quantize(
     needs_factors = method.needs_data
     if needs_factors and hessians is None and data is None:
         raise ValueError(f"method {config.method!r} needs Hessian factors: pass hessians=DIR (from collect_hessians) or data=...")
-    if config.finetune_epochs > 0 and data is None:
-        raise ValueError(f"finetune_epochs={config.finetune_epochs} fine-tunes on calibration activations: pass data=... "
-                         "(the calibration text or tokens), or set finetune_epochs=0")
+    finetunes = config.finetune_epochs > 0 or config.finetune_e2e_epochs > 0
+    if finetunes and data is None:
+        raise ValueError(f"finetune_epochs={config.finetune_epochs} / finetune_e2e_epochs={config.finetune_e2e_epochs} "
+                         "fine-tune on calibration data: pass data=... (the calibration text or tokens), or set both to 0")
     sketch = method.default_sketch if sketch is None else sketch
     if needs_factors and hessians is None and sketch not in method.sketches:
         raise ValueError(f"method {config.method!r} rounds with factors of the sketches {method.sketches}, not "
@@ -393,7 +398,7 @@ def quantize(
         _check_sketch(method, factors)
         layer_factors = method.layer_factors(model, targets, factors)
         quantizer = config.make_quantizer()
-        reports, modules, finetuned = [], {}, []
+        reports, modules, finetuned, e2e = [], {}, [], None
         bar = tqdm(total=len(targets), desc=f"quantize {config.summary()}", unit="layer",
                    disable=True if not progress else None)
 
@@ -405,19 +410,25 @@ def quantize(
                 reports.append(report)
                 bar.update(1)
 
+        tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len) if finetunes else None
+        original = copy.deepcopy(model) if config.finetune_e2e_epochs > 0 else None
         with bar:
             if config.finetune_epochs == 0:
                 quantize_group(targets)
             else:
-                tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
                 checkpoint = None if checkpoint_dir is None else BlockCheckpoint(
                     checkpoint_dir, _fingerprint(model, tokens, _run_settings(config, factors, batch_size)))
                 finetuned = _quantize_finetuned(model, targets, config, tokens, batch_size, checkpoint,
                                                 quantize_group, modules, reports, bar)
+            if original is not None:
+                bar.set_postfix_str("end-to-end KL fine-tuning")
+                e2e = finetune_end_to_end(model, original, tokens, config.finetune_e2e_epochs, config.finetune_lr,
+                                          batch_size, seed=config.seed)
+                del original
     finally:
         if tmp is not None:
             tmp.cleanup()
     config = replace(config, modules=modules)
     if hasattr(model, "config"):
         model.config.quantization_config = YaqaHfConfig.of(config)
-    return QuantReport(config, reports, finetuned)
+    return QuantReport(config, reports, finetuned, e2e)
