@@ -80,6 +80,17 @@ def test_finetune_reaches_the_closed_form_optimum_and_never_gets_worse():
     assert torch.equal(diverging.a.detach(), torch.ones(6)) and torch.equal(diverging.b.detach(), torch.zeros(6))
 
 
+def test_bf16_parameters_train_through_fp32_masters():
+    """A step of 1e-3 is below half of bf16's spacing near 1 (2^-8): without fp32 masters nothing would move."""
+    g = torch.Generator().manual_seed(6)
+    hidden = [torch.randn(4, 3, 6, generator=g).bfloat16() for _ in range(8)]
+    goal = [x * 1.02 for x in hidden]
+    block = _Affine(6).bfloat16()
+    before, after = finetune_block(block, BlockInputs(hidden, [{} for _ in hidden]), goal, epochs=15, lr=1e-3)
+    assert after < 0.5 * before and block.a.dtype == torch.bfloat16
+    assert float((block.a.detach().float() - 1.02).abs().max()) < 0.01
+
+
 def test_quantize_with_finetuning_lowers_the_block_error_and_round_trips(tmp_path):
     model = tiny_model("llama")
     config = QuantConfig(method="rtn", bits=2, finetune_epochs=4, finetune_lr=1e-2)
@@ -181,4 +192,6 @@ def test_end_to_end_finetune_lowers_the_kl_to_the_original():
     # KL of ~4e-5 they agree to ~1e-4 relative; after training the scales are also rounded to fp16.
     assert kl_plain == pytest.approx(before, rel=1e-3) and kl_tuned == pytest.approx(after, rel=1e-2)
     assert kl_tuned < kl_plain
+    scales = tuned.model.layers[0].mlp.down_proj.out_scale
+    assert scales is not None and not torch.equal(scales, torch.ones_like(scales))  # trained on their own too
     assert all(torch.equal(a, b) for a, b in zip(tuned.model.embed_tokens.parameters(), model.model.embed_tokens.parameters()))

@@ -529,3 +529,6 @@ def test_quantize_on_load_for_the_data_free_methods(stories, eval_tokens, tmp_pa
         assert torch.equal(again(eval_tokens[:2]).logits, loaded(eval_tokens[:2]).logits)
     with pytest.raises(ValueError, match="needs calibration data.*yaqa_ext.quantize"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=YaqaHfConfig(method="ldlq"))
+    with pytest.raises(ValueError, match="lowrank_method 'qera-exact' needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=YaqaHfConfig(
+            method="rtn", lowrank_rank=4, lowrank_method="qera-exact"))

@@ -155,3 +155,5 @@ def test_b_lw_resumes_and_refuses_other_sketches(tmp_path, tokens):
                      progress=False)
     with pytest.raises(ValueError, match="sketch='B-lw'"):
         load_hessians(tmp_path / "plain").shrinkage(a.modules[0])
+    with pytest.raises(ValueError, match="n_seqs must be >= 2"):  # before any pass over the data
+        collect_hessians(tiny_model("llama"), tokens, tmp_path / "one", sketch="B-lw", n_seqs=1, seq_len=SEQ_LEN)

@@ -146,7 +146,7 @@ def finetune_block(block: nn.Module, inputs: BlockInputs, targets: list[Tensor],
         return (_hidden(block(inputs.hidden[b], **inputs.kwargs[b])).float() - targets[b].float()).square().mean()
 
     with _trainable_scales(block):
-        return _fit(_trainable(block), loss, [t.numel() for t in targets], epochs, lr, seed, on_epoch)
+        return _fit(block, _trainable(block), loss, [t.numel() for t in targets], epochs, lr, seed, on_epoch)
 
 
 def kl_divergence(orig_logits: Tensor, logits: Tensor) -> Tensor:
@@ -165,7 +165,7 @@ def finetune_end_to_end(model: nn.Module, original: nn.Module, tokens: Tensor, e
     at ``lr / 10``). Returns the held-out KL (before, after)."""
     device = next(model.parameters()).device
     batches = [b.to(device) for b in tokens.split(batch_size)]
-    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    frozen = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
 
     def loss(b: int) -> Tensor:
         with torch.no_grad():
@@ -174,23 +174,36 @@ def finetune_end_to_end(model: nn.Module, original: nn.Module, tokens: Tensor, e
 
     with _trainable_scales(model):
         params = [p for p in _trainable(model) if id(p) not in frozen]
-        return _fit(params, loss, [b.numel() for b in batches], epochs, lr, seed)
+        return _fit(model, params, loss, [b.numel() for b in batches], epochs, lr, seed)
 
 
-def _fit(params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: list[int], epochs: int, lr: float,
-         seed: int, on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
-    """:func:`_optimise`, again at ``lr / 10`` if no epoch lowered the held-out loss."""
-    before, after = _optimise(params, loss, sizes, epochs, lr, seed, on_epoch)
-    if after < before:
-        return before, after
-    return _optimise(params, loss, sizes, epochs, lr / 10, seed, on_epoch)
+def _fit(module: nn.Module, params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: list[int], epochs: int,
+         lr: float, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+    """:func:`_optimise` with ``module`` in eval mode (no dropout: trained as the quantized model runs) and its
+    other parameters frozen, again at ``lr / 10`` if no epoch lowered the held-out loss."""
+    chosen = {id(p) for p in params}
+    others = [(p, p.requires_grad) for p in module.parameters() if id(p) not in chosen]
+    was_training = module.training
+    try:
+        module.eval()
+        for p, _ in others:
+            p.requires_grad_(False)
+        before, after = _optimise(params, loss, sizes, epochs, lr, seed, on_epoch)
+        if after < before:
+            return before, after
+        return _optimise(params, loss, sizes, epochs, lr / 10, seed, on_epoch)
+    finally:
+        for p, flag in others:
+            p.requires_grad_(flag)
+        module.train(was_training)
 
 
 def _optimise(params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: list[int], epochs: int, lr: float,
               seed: int, on_epoch: Callable[[int, float], None] | None) -> tuple[float, float]:
     """Adam on ``loss(batch)`` over the training batches for ``epochs`` (in a seeded order), the last eighth of
     the ``len(sizes)`` batches (at least one, when there are two) held out; ``params`` end at the epoch of the
-    least held-out loss (the mean over held-out batches weighted by ``sizes``), the start included.
+    least held-out loss (the mean over held-out batches weighted by ``sizes``), the start included. Adam keeps
+    fp32 master copies of bf16 / fp16 parameters (whose own precision would round small steps away).
     Returns the held-out loss (before, after)."""
     n = len(sizes)
     held = list(range(n - max(1, n // 8), n)) if n >= 2 else [0]
@@ -205,17 +218,19 @@ def _optimise(params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: 
         return before, before
     best = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    masters = [p if p.dtype in (torch.float32, torch.float64) else p.detach().float().clone() for p in params]
+    optimizer = torch.optim.Adam(masters, lr=lr)
     order = random.Random(seed)
-    try:  # in eval mode (no dropout): trained as the quantized model will run
+    try:
         for p in params:
             p.requires_grad_(True)
         for epoch in range(epochs):
             for b in order.sample(train, len(train)):
                 with torch.enable_grad():
-                    optimizer.zero_grad(set_to_none=True)
+                    for p in params:
+                        p.grad = None
                     loss(b).backward()
-                optimizer.step()
+                _step(optimizer, params, masters)
             err = held_loss()
             if on_epoch is not None:
                 on_epoch(epoch, err)
@@ -228,6 +243,18 @@ def _optimise(params: list[nn.Parameter], loss: Callable[[int], Tensor], sizes: 
                 p.requires_grad_(flag)
                 p.grad = None
     return before, best_err
+
+
+@torch.no_grad()
+def _step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masters: list[Tensor]) -> None:
+    """One optimiser step on the masters from the parameters' gradients, copied back into the parameters."""
+    for p, m in zip(params, masters):
+        if m is not p:
+            m.grad = None if p.grad is None else p.grad.float()
+    optimizer.step()
+    for p, m in zip(params, masters):
+        if m is not p:
+            p.copy_(m)
 
 
 def quantize_blocks(model: nn.Module, targets: Sequence[TargetModule], tokens: Tensor, batch_size: int, epochs: int,

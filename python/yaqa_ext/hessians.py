@@ -537,6 +537,9 @@ def collect_hessians(
         raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
     if power_iters < 1:
         raise ValueError(f"power_iters must be >= 1, got {power_iters}")
+    if sketch == "B-lw" and n_seqs < 2:
+        raise ValueError(f"sketch 'B-lw' estimates its shrinkage from the spread over sequences: n_seqs must be >= 2, "
+                         f"got {n_seqs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if layers_per_pass is not None and layers_per_pass < 1:

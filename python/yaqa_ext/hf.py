@@ -117,12 +117,19 @@ class YaqaHfQuantizer(HfQuantizer):
             return
         from .methods import get_method
 
+        from .lowrank import INPUT_STAT_METHODS
+
         config = self.quantization_config.quant_config()
-        if get_method(config.method).needs_data or config.finetune_epochs:
+        wants = [what for what, needed in (
+            (f"method {config.method!r}", get_method(config.method).needs_data),
+            ("fine-tuning", config.finetune_epochs > 0 or config.finetune_e2e_epochs > 0),
+            (f"lowrank_method {config.lowrank_method!r}",
+             config.lowrank_rank > 0 and config.lowrank_method in (*INPUT_STAT_METHODS, "kl"))) if needed]
+        if wants:
             raise ValueError(
-                f"quantize on load: method {config.method!r}{' with fine-tuning' if config.finetune_epochs else ''} "
-                "needs calibration data, which from_pretrained does not have; load the model, then call "
-                "yaqa_ext.quantize(model, config, data=...) (on load: method 'rtn' or 'datafree')")
+                f"quantize on load: {' and '.join(wants)} {'needs' if len(wants) == 1 else 'need'} calibration data, which from_pretrained does not have; "
+                "load the model, then call yaqa_ext.quantize(model, config, data=...) (on load: method 'rtn' or "
+                "'datafree', without fine-tuning, low-rank terms 'svd' or 'auto')")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:

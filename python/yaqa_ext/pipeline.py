@@ -87,7 +87,8 @@ def _differing(saved: dict, current: dict) -> list[str]:
 
     def effective(settings: dict) -> dict:
         full = {**defaults, **settings}
-        return {k: v for k, v in full.items() if not (k == "finetune_lr" and full["finetune_epochs"] == 0)}
+        off = full["finetune_epochs"] == 0 and full.get("finetune_e2e_epochs", 0) == 0
+        return {k: v for k, v in full.items() if not (k == "finetune_lr" and off)}
 
     saved, current = effective(saved), effective(current)
     return sorted(k for k in {**saved, **current} if saved.get(k) != current.get(k))

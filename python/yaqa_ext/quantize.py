@@ -201,7 +201,7 @@ def _quantize_layer(
         terms = (A.half().float(), B.half().float())
         lowrank = f"{method}:{A.size(1)}"
     layer = QuantizedLinear.from_rounding(rounded, grid, rht, bias, lowrank=terms, in_scale=in_scale,
-                                          channel_scales=config.finetune_epochs > 0)
+                                          channel_scales=config.finetune_epochs > 0 or config.finetune_e2e_epochs > 0)
     dW = W0 - effective_weight(rounded.W_hat, rht, in_scale, terms)  # = W0 - layer.weight_matrix() (W_hat is exact)
     report = LayerReport(
         name=name, shape=(m, n), tiles=tiles, damp_in=damp_in, damp_out=damp_out,
@@ -258,10 +258,13 @@ def _normalised(H: Tensor | None, name: str, side: str) -> Tensor | None:
     return H / scale
 
 
-def _run_settings(config: QuantConfig, factors: HessianFactors | None, batch_size: int) -> dict:
-    """What a fine-tuned run's checkpoint must agree on, besides the model and the tokens."""
-    return {"config": {k: v for k, v in config.to_dict().items() if k != "modules"}, "batch_size": batch_size,
-            "factors": None if factors is None else factors.manifest.get("fingerprint")}
+def _run_settings(config: QuantConfig, factors: HessianFactors | None, moments: HessianFactors | None,
+                  batch_size: int) -> dict:
+    """What a fine-tuned run's checkpoint of blocks must agree on, besides the model and the tokens (not the
+    end-to-end fine-tune, which runs after the blocks)."""
+    return {"config": {k: v for k, v in config.to_dict().items() if k not in ("modules", "finetune_e2e_epochs")},
+            "batch_size": batch_size, "factors": None if factors is None else factors.manifest.get("fingerprint"),
+            "moments": None if moments is None else moments.manifest.get("fingerprint")}
 
 
 def _restore_blocks(model: nn.Module, checkpoint: BlockCheckpoint | None, modules: dict, reports: list,
@@ -274,7 +277,8 @@ def _restore_blocks(model: nn.Module, checkpoint: BlockCheckpoint | None, module
     done = set()
     for index, state, record in checkpoint.finished():
         for name, spec in record["modules"].items():
-            replace_module(model, name, QuantizedLinear.from_spec(spec))
+            device = next(model.get_submodule(name).parameters()).device
+            replace_module(model, name, QuantizedLinear.from_spec(spec).to(device))
         blocks[index].load_state_dict(state)
         modules.update(record["modules"])
         reports += [LayerReport(**{**r, "shape": tuple(r["shape"]), "tiles": tuple(r["tiles"])}) for r in record["reports"]]
@@ -411,19 +415,20 @@ def quantize(
                 bar.update(1)
 
         tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len) if finetunes else None
-        original = copy.deepcopy(model) if config.finetune_e2e_epochs > 0 else None
+        original = copy.deepcopy(model).cpu() if config.finetune_e2e_epochs > 0 else None  # off the device meanwhile
         with bar:
             if config.finetune_epochs == 0:
                 quantize_group(targets)
             else:
                 checkpoint = None if checkpoint_dir is None else BlockCheckpoint(
-                    checkpoint_dir, _fingerprint(model, tokens, _run_settings(config, factors, batch_size)))
+                    checkpoint_dir, _fingerprint(model, tokens, _run_settings(config, factors, moments, batch_size)))
                 finetuned = _quantize_finetuned(model, targets, config, tokens, batch_size, checkpoint,
                                                 quantize_group, modules, reports, bar)
             if original is not None:
                 bar.set_postfix_str("end-to-end KL fine-tuning")
-                e2e = finetune_end_to_end(model, original, tokens, config.finetune_e2e_epochs, config.finetune_lr,
-                                          batch_size, seed=config.seed)
+                device = next(model.parameters()).device
+                e2e = finetune_end_to_end(model, original.to(device), tokens, config.finetune_e2e_epochs,
+                                          config.finetune_lr, batch_size, seed=config.seed)
                 del original
     finally:
         if tmp is not None:

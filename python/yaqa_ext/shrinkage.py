@@ -45,7 +45,7 @@ def shrinkage_weight(total: Tensor, token: Tensor, cross_cov: float, n_samples: 
     ``cross_cov = sum_b <S_b - D_b, S_b>`` (see the module docstring)."""
     if n_samples < 2:
         raise ValueError(f"the shrinkage weight needs at least 2 sequences, got {n_samples}")
-    cross = (total - token).double()
+    cross = total.double() - token.double()  # fp64 before the difference: the cross part may be small
     energy = float((cross * cross).sum())
     if energy == 0.0:
         return 0.0  # no cross-token terms (one token per sequence): nothing to shrink
