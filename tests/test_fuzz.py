@@ -181,7 +181,9 @@ def test_sketch_updates(op, B, T, n, m, x_dtype, acc, weighted, device, layout, 
     grow = int(wrong == "H_in")
     H_in, H_out = torch.zeros(n + grow, n + grow, dtype=acc), torch.zeros(m, m, dtype=acc)
     P_in, P_out = [make((k, k), torch.float32, "contiguous", "normal", seed + 2 + k) if weighted else None for k in (n, m)]
-    P_in, P_out = [None if P is None else P @ P.T for P in (P_in, P_out)]
+    # Power-iteration weights are symmetric factors; an fp32 P @ P.T is symmetric only up to rounding (its (i, j)
+    # and (j, i) sums run in different orders), and the kernels may read either triangle: symmetrise exactly.
+    P_in, P_out = [None if P is None else (P @ P.T + (P @ P.T).T) / 2 for P in (P_in, P_out)]
     dev = [place(t, device) for t in (X, G, H_in, H_out, P_in, P_out)]
     try:
         if op == "B":
