@@ -38,6 +38,13 @@ TORCH_LIBRARY(yaqa, m) {
   m.def("ldlq_round(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor zeros, int bits, int group_size, "
         "int td_x, int td_y) -> (Tensor W_hat, Tensor codes)");
 
+  // Two-sided LDLQ on the E8P lattice codebook (csrc/e8p.h): W (m x n, fp32, 8 | n, 8 | td_y) rounded 8 columns
+  // of a row at a time; abs_grid the (256, 8) pattern table; scales (m, stages) fp32 > 0, one per row and stage;
+  // bits 2 (E8P), 3 (+ a sign stage), 4 (+ a second E8P stage). Returns W_hat (fp32, exactly the values of the
+  // codes) and codes (int32, m x n / 8: stage 1 in bits 0-15, stage 2 in bits 16-31).
+  m.def("ldlq_round_e8p(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor abs_grid, int bits, int td_x, "
+        "int td_y) -> (Tensor W_hat, Tensor codes)");
+
   // y = x W_hat^T for x (..., n) and the packed scalar-grid weight W_hat = (codes - z) * s (m x n):
   // qweight (m, ceil(n / 8) * bits) uint8 holds each row's codes as a little-endian bit stream (8 codes
   // in `bits` bytes), scales / zeros (1 or m, n / group_size) fp16 or fp32. The weight is never
@@ -45,4 +52,10 @@ TORCH_LIBRARY(yaqa, m) {
   // y has x's dtype and shape (..., m); computed in fp32 (fp64 for fp64 x).
   m.def("int_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
         "Tensor? sign_in=None, Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
+
+  // y = x W_hat^T for the packed E8P weight: qweight (m, n / 8 * bits) uint8 holds each unit's code in `bits`
+  // little-endian bytes (the codes of ldlq_round_e8p), scales (1 or m, stages) fp16 or fp32; the optional RHT as
+  // for int_matmul. y has x's dtype and shape (..., m); computed in fp32 (fp64 for fp64 x).
+  m.def("e8p_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor abs_grid, int bits, Tensor? sign_in=None, "
+        "Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
 }

@@ -27,6 +27,15 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
                           const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
                           const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out);
 
+std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cpu(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                                      const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                                      const at::Tensor& abs_grid, int64_t bits, int64_t td_x,
+                                                      int64_t td_y);
+at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& abs_grid, int64_t bits, const std::optional<at::Tensor>& sign_in,
+                          const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                          const std::optional<at::Tensor>& had_out);
+
 #ifdef YAQA_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_ldl_cuda(const at::Tensor& H, int64_t block_size);
 at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::Tensor>& had);
@@ -45,6 +54,10 @@ at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const
                            const at::Tensor& zeros, int64_t bits, int64_t group_size,
                            const std::optional<at::Tensor>& sign_in, const std::optional<at::Tensor>& had_in,
                            const std::optional<at::Tensor>& sign_out, const std::optional<at::Tensor>& had_out);
+std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cuda(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                                       const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                                       const at::Tensor& abs_grid, int64_t bits, int64_t td_x,
+                                                       int64_t td_y);
 #endif
 
 }  // namespace yaqa

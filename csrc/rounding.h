@@ -18,6 +18,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "e8p.h"
 
 namespace yaqa {
 
@@ -53,15 +54,55 @@ struct IntGridPolicy {
   }
 };
 
+// The E8P lattice codebook (e8p.h), 8 weights of a row per unit, with an optional residual stage: each stage
+// rounds the remaining error to its nearest codeword times the row's scale of that stage (greedy residual VQ).
+// A stage's values are a codeword (quarter-integers up to 11/4 in magnitude) times an fp16 scale, exact in
+// fp32, so W_hat = v1 s1 + v2 s2 has one rounding, whichever order or fusion computes it.
+struct E8PPolicy {
+  static constexpr int64_t kUnitRows = 1, kUnitCols = 8;
+  using Code = int32_t;
+  const float* grid;       // (256, 8) patterns
+  const float* norms;      // (256) their squared norms
+  const int32_t* parity;   // (256)
+  const float* scales;     // (m, stages)
+  int64_t units, stages;   // n / 8 codes per row; 1 or 2 stages
+  int64_t bits;            // 2 (E8P), 3 (E8P + signs), 4 (E8P + E8P)
+
+  C10_HOST_DEVICE void round_unit(const float* x, int64_t /*ldx*/, int64_t row, int64_t col, float* value,
+                                  int64_t /*ldv*/, Code* codes) const {
+    const float* s = scales + row * stages;
+    float y[8], v[8];
+    for (int k = 0; k < 8; ++k) y[k] = x[k] / s[0];
+    uint32_t code = e8p_nearest(y, grid, norms, parity);
+    e8p_decode(code, grid, parity, v);
+    for (int k = 0; k < 8; ++k) value[k] = v[k] * s[0];
+    if (bits == 3) {  // the residual's signs
+      uint32_t neg = 0;
+      for (int k = 0; k < 8; ++k) {
+        const bool below = x[k] - value[k] < 0.0f;
+        neg |= static_cast<uint32_t>(below) << k;
+        value[k] += below ? -s[1] : s[1];
+      }
+      code |= neg << 16;
+    } else if (bits == 4) {  // the residual's nearest E8P codeword
+      for (int k = 0; k < 8; ++k) y[k] = (x[k] - value[k]) / s[1];
+      const uint32_t second = e8p_nearest(y, grid, norms, parity);
+      e8p_decode(second, grid, parity, v);
+      for (int k = 0; k < 8; ++k) value[k] += v[k] * s[1];
+      code |= second << 16;
+    }
+    codes[row * units + col / 8] = static_cast<Code>(code);
+  }
+};
+
 struct RoundingShape {
   int64_t m, n, groups;
 };
 
-inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
-                                     const std::optional<at::Tensor>& L_out,
-                                     const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
-                                     int64_t group_size, int64_t td_x, int64_t td_y) {
-  constexpr const char* op = "ldlq_round";
+// The checks every codebook's rounding op shares: W, the tiles and the optional factors (op names the op).
+inline RoundingShape check_rounding_args(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                         const std::optional<at::Tensor>& L_out, int64_t td_x, int64_t td_y,
+                                         const char* op) {
   TORCH_CHECK_TYPE(W.scalar_type() == at::kFloat, op, ": W must be float32, got ", W.scalar_type(),
                    "; convert it with .float() (rounding is done in fp32)");
   TORCH_CHECK_VALUE(W.dim() == 2 && W.numel() > 0, op, ": W must be a non-empty 2-D matrix, got shape ", W.sizes());
@@ -71,10 +112,6 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
                     " must be >= 1 with td_x * td_y <= 1024");
   TORCH_CHECK_VALUE(m % td_x == 0 && n % td_y == 0, op, ": W is ", m, " x ", n, ", not divisible into ", td_x, " x ",
                     td_y, " tiles; choose td_x dividing m and td_y dividing n");
-  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
-  TORCH_CHECK_VALUE(group_size >= 1 && n % group_size == 0, op, ": group_size = ", group_size,
-                    " must divide the number of columns n = ", n);
-  const int64_t groups = n / group_size;
   // The optional factors: L_in (n x n, W's columns) and L_out (m x m, W's rows).
   for (const auto& [L, size, name, side] :
        {std::tuple{&L_in, n, "L_in", "columns"}, std::tuple{&L_out, m, "L_out", "rows"}}) {
@@ -86,22 +123,41 @@ inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at
     check_same_device(W, **L, op, "W", name);
     check_no_grad(**L, op, name);
   }
-  for (const auto& [t, name] : {std::pair{&scales, "scales"}, std::pair{&zeros, "zeros"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == m && t->size(1) == groups, op, ": ", name, " must be (", m, ", ",
-                      groups, ") = (rows, n / group_size), got ", t->sizes());
-    check_same_device(W, *t, op, "W", name);
-    check_no_grad(*t, op, name);
-  }
   TORCH_CHECK_VALUE(at::isfinite(W).all().item<bool>(), op, ": W has NaN or infinite entries");
-  TORCH_CHECK_VALUE((scales > 0).logical_and_(at::isfinite(scales)).all().item<bool>(), op,
-                    ": scales must be finite and > 0");
-  TORCH_CHECK_VALUE(at::isfinite(zeros).all().item<bool>(), op, ": zeros has NaN or infinite entries");
   // Only the strictly block-lower parts are read, but a non-finite entry anywhere means a broken factor.
   for (const auto& [L, name] : {std::pair{&L_in, "L_in"}, std::pair{&L_out, "L_out"}}) {
     TORCH_CHECK_VALUE(!L->has_value() || at::isfinite(**L).all().item<bool>(), op, ": ", name,
                       " has NaN or infinite entries; factor a finite, damped Hessian (yaqa_ext.block_ldl)");
   }
+  return {m, n, 0};
+}
+
+// A float32 scale-like tensor of an exact shape on W's device, finite (and > 0 when positive).
+inline void check_grid_tensor(const at::Tensor& t, const at::Tensor& W, int64_t rows, int64_t cols, bool positive,
+                              const char* op, const char* name, const char* shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name, " must be (", rows, ", ",
+                    cols, ") = ", shape, ", got ", t.sizes());
+  check_same_device(W, t, op, "W", name);
+  check_no_grad(t, op, name);
+  at::Tensor ok = at::isfinite(t);
+  if (positive) ok.logical_and_(t > 0);
+  TORCH_CHECK_VALUE(ok.all().item<bool>(), op, ": ", name, positive ? " must be finite and > 0" : " has NaN or infinite entries");
+}
+
+inline RoundingShape check_ldlq_args(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                     const std::optional<at::Tensor>& L_out,
+                                     const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
+                                     int64_t group_size, int64_t td_x, int64_t td_y) {
+  constexpr const char* op = "ldlq_round";
+  const RoundingShape shape = check_rounding_args(W, L_in, L_out, td_x, td_y, op);
+  const int64_t m = shape.m, n = shape.n;
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  TORCH_CHECK_VALUE(group_size >= 1 && n % group_size == 0, op, ": group_size = ", group_size,
+                    " must divide the number of columns n = ", n);
+  const int64_t groups = n / group_size;
+  check_grid_tensor(scales, W, m, groups, true, op, "scales", "(rows, n / group_size)");
+  check_grid_tensor(zeros, W, m, groups, false, op, "zeros", "(rows, n / group_size)");
   return {m, n, groups};
 }
 
@@ -129,6 +185,32 @@ inline IntGridRounding prepare_int_grid_rounding(const at::Tensor& W, const std:
   r.codes = at::empty({m, n}, r.W.options().dtype(at::kByte));
   r.book = IntGridPolicy{r.scales.data_ptr<float>(), r.zeros.data_ptr<float>(), n, groups, group_size,
                          static_cast<float>((1 << bits) - 1)};
+  return r;
+}
+
+// What both backends' E8P ldlq_round_e8p start from: checked, contiguous inputs, the outputs, the policy.
+struct E8PRounding {
+  at::Tensor W, scales, W_hat, codes;
+  E8PTables tables;
+  E8PPolicy book;
+};
+
+inline E8PRounding prepare_e8p_rounding(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                        const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                        const at::Tensor& abs_grid, int64_t bits, int64_t td_x, int64_t td_y) {
+  constexpr const char* op = "ldlq_round_e8p";
+  const int64_t stages = e8p_stages(bits, op);
+  const RoundingShape shape = check_rounding_args(W, L_in, L_out, td_x, td_y, op);
+  const int64_t m = shape.m, n = shape.n;
+  TORCH_CHECK_VALUE(n % 8 == 0 && td_y % 8 == 0, op, ": E8P codes 8 columns jointly: n (", n, ") and td_y (", td_y,
+                    ") must be multiples of 8");
+  check_grid_tensor(scales, W, m, stages, true, op, "scales", "(rows, stages)");
+  check_e8p_grid(abs_grid, W, op);
+  E8PRounding r{W.contiguous(), scales.contiguous(), at::Tensor(), at::Tensor(), e8p_tables(abs_grid), {}};
+  r.W_hat = at::empty({m, n}, r.W.options());
+  r.codes = at::empty({m, n / 8}, r.W.options().dtype(at::kInt));
+  r.book = E8PPolicy{r.tables.grid.data_ptr<float>(), r.tables.norms.data_ptr<float>(),
+                     r.tables.parity.data_ptr<int32_t>(), r.scales.data_ptr<float>(), n / 8, stages, bits};
   return r;
 }
 

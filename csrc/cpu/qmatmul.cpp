@@ -7,6 +7,8 @@
 // load time); the decode is written per bit width so each compiles to vector shifts. On AVX2 + FMA machines the
 // small-batch fp32 path for 1-4 and 8 bits is fused instead: 8 codes at a time are shifted out of one 32-bit word
 // (or widened from 8 bytes) straight into a vector register and multiplied into every token's accumulator.
+// The E8P weight (e8p_matmul) takes the same two paths: a row's codes are decoded into its stage values (a pattern
+// of an 8 KB table, signs, shift) once per row, then dotted with every token and scaled per stage.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,6 +21,7 @@
 #endif
 
 #include "../ops.h"
+#include "../e8p.h"
 #include "../qmatmul.h"
 #include "vector_clones.h"
 
@@ -277,6 +280,109 @@ std::vector<acc_t> group_sums(const acc_t* x, int64_t T, int64_t n, int64_t gs) 
   return out;
 }
 
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x as (T, n) in the compute type; with an RHT, the transformed input x S_U Had_n^T.
+at::Tensor rht_input(const at::Tensor& x, int64_t n, at::ScalarType ct, const std::optional<at::Tensor>& sign_in,
+                     const std::optional<at::Tensor>& had_in) {
+  const at::Tensor flat = x.reshape({-1, n}).to(ct);
+  return (sign_in.has_value() ? hadamard_transform_cpu(flat * sign_in->to(ct), had_in) : flat).contiguous();
+}
+
+// y (T, m) in the compute type, with an RHT y Had_m S_V, as x's dtype and shape (..., m).
+at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, const std::optional<at::Tensor>& sign_out,
+                      const std::optional<at::Tensor>& had_out) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = y.size(1);
+  if (sign_out.has_value()) y = hadamard_transform_cpu(y, had_out).mul_(sign_out->to(ct));
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+// The packed E8P weight (csrc/e8p.h): per unit of 8 weights `bits` little-endian bytes of its code.
+struct E8PPacked {
+  const uint8_t* codes;
+  int64_t m, n, bits, stages, s_stride;  // s_stride 0 when one row of scales serves every row
+  const float* grid;
+  const int32_t* parity;
+};
+
+// Row j's stage values (without scales) into v1 (and v2 when there are two stages), n each.
+template <typename acc_t>
+YAQA_INLINE void e8p_decode_row(const E8PPacked& w, int64_t j, acc_t* v1, acc_t* v2) {
+  const uint8_t* row = w.codes + j * (w.n / 8) * w.bits;
+  float v[8];
+  for (int64_t u = 0; u < w.n / 8; ++u) {
+    const uint8_t* p = row + u * w.bits;
+    uint32_t code = 0;
+    for (int64_t b = 0; b < w.bits; ++b) code |= static_cast<uint32_t>(p[b]) << (8 * b);
+    e8p_decode(code & 0xffffu, w.grid, w.parity, v);
+    for (int k = 0; k < 8; ++k) v1[u * 8 + k] = static_cast<acc_t>(v[k]);
+    if (w.bits == 3) {
+      for (int k = 0; k < 8; ++k) v2[u * 8 + k] = (code >> (16 + k)) & 1u ? acc_t(-1) : acc_t(1);
+    } else if (w.bits == 4) {
+      e8p_decode(code >> 16, w.grid, w.parity, v);
+      for (int k = 0; k < 8; ++k) v2[u * 8 + k] = static_cast<acc_t>(v[k]);
+    }
+  }
+}
+
+// Rows [begin, end) of y (T x m): y[t, j] = s1_j <v1_j, x_t> + s2_j <v2_j, x_t>; v a buffer of 2n.
+template <typename acc_t>
+YAQA_INLINE void e8p_dot_rows(const E8PPacked& w, const acc_t* s, const acc_t* x, int64_t T, acc_t* y, acc_t* v,
+                              int64_t begin, int64_t end) {
+  const int64_t n = w.n;
+  for (int64_t j = begin; j < end; ++j) {
+    e8p_decode_row(w, j, v, v + n);
+    const acc_t* sj = s + j * w.s_stride;
+    for (int64_t t = 0; t < T; ++t) {
+      acc_t acc = sj[0] * dot(v, x + t * n, n);
+      if (w.stages == 2) acc += sj[1] * dot(v + n, x + t * n, n);
+      y[t * w.m + j] = acc;
+    }
+  }
+}
+
+// Rows [begin, end) of the tile starting at row j0, dequantized: s1 v1 + s2 v2 (the tile row is v1's buffer).
+template <typename acc_t>
+YAQA_INLINE void e8p_dequantize_rows(const E8PPacked& w, const acc_t* s, int64_t j0, acc_t* tile, int64_t begin,
+                                     int64_t end) {
+  const int64_t n = w.n;
+  std::vector<acc_t> v2(w.stages == 2 ? n : 0);
+  for (int64_t r = begin; r < end; ++r) {
+    acc_t* row = tile + r * n;
+    e8p_decode_row(w, j0 + r, row, v2.data());
+    const acc_t* sj = s + (j0 + r) * w.s_stride;
+    for (int64_t i = 0; i < n; ++i) row[i] = w.stages == 2 ? row[i] * sj[0] + v2[i] * sj[1] : row[i] * sj[0];
+  }
+}
+
+YAQA_VECTOR_CLONES void e8p_dot_rows_f32(const E8PPacked& w, const float* s, const float* x, int64_t T, float* y,
+                                         float* v, int64_t begin, int64_t end) {
+  e8p_dot_rows<float>(w, s, x, T, y, v, begin, end);
+}
+YAQA_VECTOR_CLONES void e8p_dequantize_rows_f32(const E8PPacked& w, const float* s, int64_t j0, float* tile,
+                                                int64_t begin, int64_t end) {
+  e8p_dequantize_rows<float>(w, s, j0, tile, begin, end);
+}
+void e8p_dot_rows_any(const E8PPacked& w, const float* s, const float* x, int64_t T, float* y, float* v,
+                      int64_t begin, int64_t end) {
+  e8p_dot_rows_f32(w, s, x, T, y, v, begin, end);
+}
+void e8p_dot_rows_any(const E8PPacked& w, const double* s, const double* x, int64_t T, double* y, double* v,
+                      int64_t begin, int64_t end) {
+  e8p_dot_rows<double>(w, s, x, T, y, v, begin, end);
+}
+void e8p_dequantize_rows_any(const E8PPacked& w, const float* s, int64_t j0, float* tile, int64_t begin,
+                             int64_t end) {
+  e8p_dequantize_rows_f32(w, s, j0, tile, begin, end);
+}
+void e8p_dequantize_rows_any(const E8PPacked& w, const double* s, int64_t j0, double* tile, int64_t begin,
+                             int64_t end) {
+  e8p_dequantize_rows<double>(w, s, j0, tile, begin, end);
+}
+
 }  // namespace
 
 at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -286,11 +392,8 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const int64_t n =
       check_int_matmul_args(x, qweight, scales, zeros, bits, group_size, sign_in, had_in, sign_out, had_out);
   const int64_t m = qweight.size(0);
-  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // With an RHT, the transformed input x S_U Had_n^T, kept in the compute type.
-  const at::Tensor xa = sign_in.has_value()
-                            ? hadamard_transform_cpu(x.reshape({-1, n}).to(ct) * sign_in->to(ct), had_in).contiguous()
-                            : x.reshape({-1, n}).to(ct).contiguous();
+  const auto ct = compute_type(x);
+  const at::Tensor xa = rht_input(x, n, ct, sign_in, had_in);
   const at::Tensor q = qweight.contiguous();
   const at::Tensor s = scales.to(ct).contiguous(), z = zeros.to(ct).contiguous();
   const int64_t T = xa.size(0), padded = (n + 7) / 8 * 8;
@@ -319,12 +422,50 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
     }
   });
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = m;
-  if (sign_out.has_value()) y = hadamard_transform_cpu(y, had_out).mul_(sign_out->to(ct));  // y Had_m S_V
-  return y.to(x.scalar_type()).view(out_shape);
+  return rht_output(y, x, ct, sign_out, had_out);
 }
 
-TORCH_LIBRARY_IMPL(yaqa, CPU, m) { m.impl("int_matmul", &int_matmul_cpu); }
+at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& abs_grid, int64_t bits, const std::optional<at::Tensor>& sign_in,
+                          const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                          const std::optional<at::Tensor>& had_out) {
+  const int64_t n = check_e8p_matmul_args(x, qweight, scales, abs_grid, bits, sign_in, had_in, sign_out, had_out);
+  const int64_t m = qweight.size(0);
+  const auto ct = compute_type(x);
+  const at::Tensor xa = rht_input(x, n, ct, sign_in, had_in);
+  const at::Tensor q = qweight.contiguous();
+  const at::Tensor s = scales.to(ct).contiguous();
+  const E8PTables tables = e8p_tables(abs_grid);
+  const E8PPacked w{q.data_ptr<uint8_t>(), m, n, bits, e8p_stages(bits, "e8p_matmul"), s.size(0) == 1 ? 0 : s.size(1),
+                    tables.grid.data_ptr<float>(), tables.parity.data_ptr<int32_t>()};
+  const int64_t T = xa.size(0);
+  at::Tensor y = at::empty({T, m}, xa.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "e8p_matmul_cpu", [&] {
+    if (T == 0) return;
+    const scalar_t* xp = xa.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    if (T <= kSmallBatch) {
+      at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> v(2 * n);
+        e8p_dot_rows_any(w, sp, xp, T, y.data_ptr<scalar_t>(), v.data(), begin, end);
+      });
+      return;
+    }
+    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options());
+    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
+      const int64_t rows = std::min(kTileRows, m - j0);
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        e8p_dequantize_rows_any(w, sp, j0, tile.data_ptr<scalar_t>(), begin, end);
+      });
+      y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
+    }
+  });
+  return rht_output(y, x, ct, sign_out, had_out);
+}
+
+TORCH_LIBRARY_IMPL(yaqa, CPU, m) {
+  m.impl("int_matmul", &int_matmul_cpu);
+  m.impl("e8p_matmul", &e8p_matmul_cpu);
+}
 
 }  // namespace yaqa

@@ -113,6 +113,20 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_cpu(const at::Tensor& W_in, const 
   return {r.W_hat, r.codes};
 }
 
-TORCH_LIBRARY_IMPL(yaqa, CPU, m) { m.impl("ldlq_round", &ldlq_round_cpu); }
+std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in,
+                                                      const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                                      const at::Tensor& abs_grid, int64_t bits, int64_t td_x,
+                                                      int64_t td_y) {
+  E8PRounding r = prepare_e8p_rounding(W_in, L_in, L_out, scales, abs_grid, bits, td_x, td_y);
+  ldlq_round_loop(r.book, r.W, L_in.has_value() ? L_in->contiguous() : at::Tensor(),
+                  L_out.has_value() ? L_out->contiguous() : at::Tensor(), r.W_hat, r.codes.data_ptr<int32_t>(), td_x,
+                  td_y);
+  return {r.W_hat, r.codes};
+}
+
+TORCH_LIBRARY_IMPL(yaqa, CPU, m) {
+  m.impl("ldlq_round", &ldlq_round_cpu);
+  m.impl("ldlq_round_e8p", &ldlq_round_e8p_cpu);
+}
 
 }  // namespace yaqa

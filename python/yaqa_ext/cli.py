@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .codebooks import CODEBOOKS
 from .fileio import publish_files
 from .lowrank import LOWRANK_METHODS
 from .methods import METHODS, pipeline_methods
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--method", choices=list(METHODS), default="yaqa",
                      help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + " (default: %(default)s)")
     qua.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: %(default)s)")
+    _quantizer_argument(qua)
     qua.add_argument("--hessians", default=None, help="folder from `yaqa collect` (default: collect from --data first)")
     qua.add_argument("--data", default=None, help="calibration text when collecting (default: the shared calibration corpus)")
     qua.add_argument("--n-seqs", type=int, default=128, help="calibration sequences when collecting (default: %(default)s)")
@@ -168,9 +170,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-rht", action="store_true", help="quantize without the random Hadamard transform")
     run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
+    _quantizer_argument(run)
     run.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
     _rounding_arguments(run)
     return parser
+
+
+def _quantizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantizer", choices=sorted(CODEBOOKS), default="int",
+                        help="codebook: int (scalar grid, 2/3/4/8 bits) or e8p (E8 lattice, 8 weights per code; 3 "
+                             "and 4 bits add a residual stage) (default: %(default)s)")
 
 
 def _rounding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,7 +223,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from .models import load_model
     from .quantize import quantize
 
-    config = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+    config = QuantConfig(method=args.method, bits=args.bits, quantizer=args.quantizer, group_size=args.group_size, symmetric=not args.asymmetric,
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
                          skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
                          datafree_transform=args.datafree_transform, finetune_epochs=args.finetune_epochs,
@@ -312,6 +321,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         config = {"rht": False} if args.no_rht else {}
         if args.scale != "channel":
             config["scale"] = args.scale
+        if args.quantizer != "int":
+            config["quantizer"] = args.quantizer
         if args.tile is not None:
             config["td_x"] = config["td_y"] = args.tile
         if args.finetune_epochs or args.finetune_e2e_epochs:

@@ -19,10 +19,12 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 __all__ = [
     "block_ldl",
+    "e8p_matmul",
     "hadamard_transform",
     "int_matmul",
     "input_moment_update",
     "ldlq_round",
+    "ldlq_round_e8p",
     "sketch_a_update",
     "sketch_b_update",
 ]
@@ -218,6 +220,82 @@ def _ldlq_round_fake(W, L_in, L_out, scales, zeros, bits, group_size, td_x, td_y
     return W.new_empty(W.shape), W.new_empty(W.shape, dtype=torch.uint8)
 
 
+def ldlq_round_e8p(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales: Tensor, abs_grid: Tensor, bits: int,
+                   td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
+    """Two-sided LDLQ of W on the E8P lattice codebook (8 columns per code; ``bits`` 2, 3 or 4 with a residual
+    stage), scales (m, stages): returns ``(W_hat, codes)``, codes int32 (m, n / 8)."""
+    return torch.ops.yaqa.ldlq_round_e8p.default(W, L_in, L_out, scales, abs_grid, bits, td_x, td_y)
+
+
+def _e8p_stages(op: str, bits: int) -> int:
+    torch._check(2 <= bits <= 4, lambda: f"{op}: the E8P codebook has 2, 3 or 4 bits per weight, got {bits}")
+    return 1 if bits == 2 else 2
+
+
+def _check_e8p_grid(op: str, abs_grid: Tensor) -> None:
+    _check_dtypes(op, (torch.float32,), abs_grid=abs_grid)
+    torch._check(tuple(abs_grid.shape) == (256, 8), lambda: f"{op}: abs_grid must be (256, 8), got {tuple(abs_grid.shape)}")
+
+
+@torch.library.register_fake("yaqa::ldlq_round_e8p")
+def _ldlq_round_e8p_fake(W, L_in, L_out, scales, abs_grid, bits, td_x, td_y) -> tuple[Tensor, Tensor]:
+    op = "ldlq_round_e8p"
+    stages = _e8p_stages(op, bits)
+    torch._check(W.dim() == 2 and W.dtype == torch.float32, lambda: f"{op}: W must be a 2-D float32 matrix")
+    m, n = W.shape
+    torch._check(m * n > 0, lambda: f"{op}: W must be non-empty, got shape {tuple(W.shape)}")
+    _check_dtypes(op, (torch.float32,), L_in=L_in, L_out=L_out, scales=scales)
+    torch._check(td_x >= 1 and td_y >= 1 and td_x * td_y <= 1024 and m % td_x == 0 and n % td_y == 0,
+                 lambda: f"{op}: W is {m} x {n}, not divisible into {td_x} x {td_y} tiles (td_x * td_y <= 1024)")
+    torch._check(n % 8 == 0 and td_y % 8 == 0, lambda: f"{op}: n ({n}) and td_y ({td_y}) must be multiples of 8")
+    _check_square(op, "L_in", L_in, n)
+    _check_square(op, "L_out", L_out, m)
+    torch._check(tuple(scales.shape) == (m, stages), lambda: f"{op}: scales must be ({m}, {stages}), got {tuple(scales.shape)}")
+    _check_e8p_grid(op, abs_grid)
+    _check_devices(op, W=W, L_in=L_in, L_out=L_out, scales=scales, abs_grid=abs_grid)
+    return W.new_empty(W.shape), W.new_empty((m, n // 8), dtype=torch.int32)
+
+
+def _check_rht_args(op: str, m: int, n: int, sign_in: Tensor | None, had_in: Tensor | None, sign_out: Tensor | None,
+                    had_out: Tensor | None) -> None:
+    for sign, had, size, name in ((sign_in, had_in, n, "sign_in"), (sign_out, had_out, m, "sign_out")):
+        torch._check(sign is not None or had is None,
+                     lambda: f"{op}: a Hadamard factor was given without {name}; pass the RHT's sign vector with it")
+        if sign is not None:
+            _check_dtypes(op, (torch.float32,), **{name: sign})
+            torch._check(sign.dim() == 1 and sign.size(0) == size,
+                         lambda: f"{op}: {name} must be a vector of {size} signs, got {tuple(sign.shape)}")
+
+
+def e8p_matmul(x: Tensor, qweight: Tensor, scales: Tensor, abs_grid: Tensor, bits: int, sign_in: Tensor | None = None,
+               had_in: Tensor | None = None, sign_out: Tensor | None = None, had_out: Tensor | None = None) -> Tensor:
+    """``x W_hat^T`` for the packed E8P weight (codes of :func:`ldlq_round_e8p`, ``bits`` bytes per 8 weights),
+    decoded as it is used; the optional RHT around it as in :func:`int_matmul`."""
+    return torch.ops.yaqa.e8p_matmul.default(x, qweight, scales, abs_grid, bits, sign_in, had_in, sign_out, had_out)
+
+
+@torch.library.register_fake("yaqa::e8p_matmul")
+def _e8p_matmul_fake(x, qweight, scales, abs_grid, bits, sign_in=None, had_in=None, sign_out=None, had_out=None):
+    op = "e8p_matmul"
+    stages = _e8p_stages(op, bits)
+    _check_dtypes(op, _ACTIVATIONS, x=x)
+    _check_dtypes(op, (torch.uint8,), qweight=qweight)
+    _check_dtypes(op, (torch.float16, torch.float32), scales=scales)
+    torch._check(x.dim() >= 1 and x.size(-1) > 0 and x.size(-1) % 8 == 0,
+                 lambda: f"{op}: x's last dimension must be a positive multiple of 8, got shape {tuple(x.shape)}")
+    n = x.size(-1)
+    torch._check(qweight.dim() == 2 and qweight.size(0) > 0 and qweight.size(1) == n // 8 * bits,
+                 lambda: f"{op}: qweight must be (m, n / 8 * bits), got {tuple(qweight.shape)}")
+    m = qweight.size(0)
+    torch._check(scales.dim() == 2 and scales.size(0) in (1, m) and scales.size(1) == stages,
+                 lambda: f"{op}: scales must be (1 or m, {stages}), got {tuple(scales.shape)}")
+    _check_e8p_grid(op, abs_grid)
+    _check_rht_args(op, m, n, sign_in, had_in, sign_out, had_out)
+    _check_devices(op, x=x, qweight=qweight, scales=scales, abs_grid=abs_grid, sign_in=sign_in, had_in=had_in,
+                   sign_out=sign_out, had_out=had_out)
+    return x.new_empty((*x.shape[:-1], m))
+
+
 def int_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int,
                sign_in: Tensor | None = None, had_in: Tensor | None = None, sign_out: Tensor | None = None,
                had_out: Tensor | None = None) -> Tensor:
@@ -245,13 +323,7 @@ def _int_matmul_fake(x, qweight, scales, zeros, bits, group_size, sign_in=None, 
     for name, t in (("scales", scales), ("zeros", zeros)):
         torch._check(t.dim() == 2 and t.size(0) in (1, m) and t.size(1) == n // group_size,
                      lambda: f"int_matmul: {name} must be (1 or m, n / group_size), got {tuple(t.shape)}")
-    for sign, had, size, name in ((sign_in, had_in, n, "sign_in"), (sign_out, had_out, m, "sign_out")):
-        torch._check(sign is not None or had is None,
-                     lambda: f"int_matmul: a Hadamard factor was given without {name}; pass the RHT's sign vector with it")
-        if sign is not None:
-            _check_dtypes("int_matmul", (torch.float32,), **{name: sign})
-            torch._check(sign.dim() == 1 and sign.size(0) == size,
-                         lambda: f"int_matmul: {name} must be a vector of {size} signs, got {tuple(sign.shape)}")
+    _check_rht_args("int_matmul", m, n, sign_in, had_in, sign_out, had_out)
     _check_devices("int_matmul", x=x, qweight=qweight, scales=scales, zeros=zeros, sign_in=sign_in, had_in=had_in,
                    sign_out=sign_out, had_out=had_out)
     return x.new_empty((*x.shape[:-1], m))
