@@ -366,8 +366,134 @@ YAQA_VECTOR_CLONES void e8p_dequantize_rows_f32(const E8PPacked& w, const float*
                                                 int64_t begin, int64_t end) {
   e8p_dequantize_rows<float>(w, s, j0, tile, begin, end);
 }
+#ifdef YAQA_FUSED_AVX2
+// Per 8-bit sign pattern, the float sign-bit masks of its 8 entries (XOR flips a value's sign); the two shifts; per
+// 7-bit pattern, the parity of its number of ones.
+struct E8PSignTables {
+  alignas(32) uint32_t masks[256 * 8];
+  alignas(32) float shifts[2 * 8];  // +1/4, then -1/4 (chosen by the code's bit 15 without a branch)
+  uint8_t odd[128];
+  E8PSignTables() {
+    for (int k = 0; k < 8; ++k) shifts[k] = 0.25f, shifts[8 + k] = -0.25f;
+    for (int p = 0; p < 256; ++p)
+      for (int k = 0; k < 8; ++k) masks[p * 8 + k] = (p >> k) & 1 ? 0x80000000u : 0u;
+    for (int p = 0; p < 128; ++p) odd[p] = static_cast<uint8_t>(popcount8(static_cast<uint32_t>(p)) & 1);
+  }
+};
+
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 flip(__m256 v, const E8PSignTables& t, uint32_t signs) {
+  return _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.masks + signs * 8))));
+}
+
+// The values of the 16-bit E8P code c: pattern, signs (entry 7's from the parity), +-1/4.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 e8p_unit(uint32_t c, const E8PPacked& w,
+                                                                          const E8PSignTables& t) {
+  const uint32_t a = c & 255u, low = (c >> 8) & 127u;
+  const uint32_t signs = low | (static_cast<uint32_t>(t.odd[low] ^ w.parity[a]) << 7);
+  const __m256 v = flip(_mm256_loadu_ps(w.grid + a * 8), t, signs);
+  return _mm256_add_ps(v, _mm256_load_ps(t.shifts + ((c >> 15) & 1u) * 8));
+}
+
+// Rows [begin, end) of y for T tokens: stage 1 and stage 2 values built in registers from an 8 KB pattern table
+// and an 8 KB sign-mask table, multiplied into U independent partial sums per token and stage.
+template <int B, int T>
+__attribute__((target("avx2,fma"))) void e8p_fused_rows(const E8PPacked& w, const float* s, const float* x, float* y,
+                                                        int64_t begin, int64_t end) {
+  static const E8PSignTables tables;
+  constexpr int U = T >= 2 ? 1 : 2;
+  const int64_t n = w.n, units = n / 8;
+  const __m256 ones = _mm256_set1_ps(1.0f);
+  for (int64_t j = begin; j < end; ++j) {
+    const uint8_t* row = w.codes + j * units * B;
+    __m256 p1[T][U], p2[T][U];
+    for (int t = 0; t < T; ++t)
+      for (int u = 0; u < U; ++u) p1[t][u] = _mm256_setzero_ps(), p2[t][u] = _mm256_setzero_ps();
+    for (int64_t c0 = 0; c0 < units; c0 += U) {
+      for (int u = 0; u < U && c0 + u < units; ++u) {
+        const int64_t c = c0 + u;
+        uint32_t code = 0;
+        std::memcpy(&code, row + c * B, B);
+        const __m256 v1 = e8p_unit(code & 0xffffu, w, tables);
+        for (int t = 0; t < T; ++t) p1[t][u] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + t * n + c * 8), p1[t][u]);
+        if constexpr (B > 2) {
+          const __m256 v2 = B == 3 ? flip(ones, tables, (code >> 16) & 255u) : e8p_unit(code >> 16, w, tables);
+          for (int t = 0; t < T; ++t) p2[t][u] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x + t * n + c * 8), p2[t][u]);
+        }
+      }
+    }
+    const float* sj = s + j * w.s_stride;
+    for (int t = 0; t < T; ++t) {
+      for (int u = 1; u < U; ++u) p1[t][0] = _mm256_add_ps(p1[t][0], p1[t][u]), p2[t][0] = _mm256_add_ps(p2[t][0], p2[t][u]);
+      y[t * w.m + j] = sj[0] * hsum(p1[t][0]) + (B > 2 ? sj[1] * hsum(p2[t][0]) : 0.0f);
+    }
+  }
+}
+
+template <int B>
+void e8p_fused_tokens(const E8PPacked& w, const float* s, const float* x, int64_t T, float* y, int64_t begin,
+                      int64_t end) {
+  switch (T) {
+    case 1: return e8p_fused_rows<B, 1>(w, s, x, y, begin, end);
+    case 2: return e8p_fused_rows<B, 2>(w, s, x, y, begin, end);
+    case 3: return e8p_fused_rows<B, 3>(w, s, x, y, begin, end);
+    default: return e8p_fused_rows<B, 4>(w, s, x, y, begin, end);
+  }
+}
+
+// The fused small-batch path on AVX2 + FMA machines (tokens in chunks of 4, rows in blocks whose codes stay in
+// cache); false elsewhere.
+bool e8p_fused_small_batch(const E8PPacked& w, const float* s, const float* x, int64_t T, float* y, int64_t begin,
+                           int64_t end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!avx2) return false;
+  constexpr int64_t kRowBlock = 32, kChunk = 4;
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t r1 = std::min(end, r0 + kRowBlock);
+    for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+      const int64_t chunk = std::min(kChunk, T - t0);
+      const float* xc = x + t0 * w.n;
+      float* yc = y + t0 * w.m;
+      switch (w.bits) {
+        case 2: e8p_fused_tokens<2>(w, s, xc, chunk, yc, r0, r1); break;
+        case 3: e8p_fused_tokens<3>(w, s, xc, chunk, yc, r0, r1); break;
+        default: e8p_fused_tokens<4>(w, s, xc, chunk, yc, r0, r1); break;
+      }
+    }
+  }
+  return true;
+}
+
+// Rows [begin, end) of the tile starting at row j0, dequantized in registers: s1 v1 + s2 v2.
+template <int B>
+__attribute__((target("avx2,fma"))) void e8p_fused_dequantize(const E8PPacked& w, const float* s, int64_t j0,
+                                                              float* tile, int64_t begin, int64_t end) {
+  static const E8PSignTables tables;
+  const int64_t n = w.n, units = n / 8;
+  const __m256 ones = _mm256_set1_ps(1.0f);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t j = j0 + r;
+    const uint8_t* row = w.codes + j * units * B;
+    const __m256 s1 = _mm256_set1_ps(s[j * w.s_stride]);
+    const __m256 s2 = _mm256_set1_ps(B > 2 ? s[j * w.s_stride + 1] : 0.0f);
+    for (int64_t c = 0; c < units; ++c) {
+      uint32_t code = 0;
+      std::memcpy(&code, row + c * B, B);
+      __m256 v = _mm256_mul_ps(e8p_unit(code & 0xffffu, w, tables), s1);
+      if constexpr (B > 2) {
+        const __m256 v2 = B == 3 ? flip(ones, tables, (code >> 16) & 255u) : e8p_unit(code >> 16, w, tables);
+        v = _mm256_add_ps(v, _mm256_mul_ps(v2, s2));
+      }
+      _mm256_storeu_ps(tile + r * n + c * 8, v);
+    }
+  }
+}
+#endif
+
 void e8p_dot_rows_any(const E8PPacked& w, const float* s, const float* x, int64_t T, float* y, float* v,
                       int64_t begin, int64_t end) {
+#ifdef YAQA_FUSED_AVX2
+  if (e8p_fused_small_batch(w, s, x, T, y, begin, end)) return;
+#endif
   e8p_dot_rows_f32(w, s, x, T, y, v, begin, end);
 }
 void e8p_dot_rows_any(const E8PPacked& w, const double* s, const double* x, int64_t T, double* y, double* v,
@@ -376,6 +502,16 @@ void e8p_dot_rows_any(const E8PPacked& w, const double* s, const double* x, int6
 }
 void e8p_dequantize_rows_any(const E8PPacked& w, const float* s, int64_t j0, float* tile, int64_t begin,
                              int64_t end) {
+#ifdef YAQA_FUSED_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) {
+    switch (w.bits) {
+      case 2: return e8p_fused_dequantize<2>(w, s, j0, tile, begin, end);
+      case 3: return e8p_fused_dequantize<3>(w, s, j0, tile, begin, end);
+      default: return e8p_fused_dequantize<4>(w, s, j0, tile, begin, end);
+    }
+  }
+#endif
   e8p_dequantize_rows_f32(w, s, j0, tile, begin, end);
 }
 void e8p_dequantize_rows_any(const E8PPacked& w, const double* s, int64_t j0, double* tile, int64_t begin,
