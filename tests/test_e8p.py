@@ -244,9 +244,25 @@ def test_quantized_model_round_trip(tmp_path, bits):
 
 
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
-def test_cuda_matmul_falls_back_to_the_decoded_weight():
-    qweight, s, W_hat = packed_layer(48, 64, 2, 0)
-    layer = nn.Module()
-    layer.qweight, layer.scales, layer.layout, layer.out_features = qweight.cuda(), s.cuda(), {"bits": 2}, 48
-    x = torch.randn(3, 64, device="cuda")
-    torch.testing.assert_close(E8PCodebook.matmul(layer, x, None).cpu(), x.cpu() @ W_hat.T, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("m", "n"), [(576, 576), (1536, 576), (40, 64)])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_matmul_matches_dequantize_then_matmul(bits, m, n, tokens, dtype):
+    qweight, scales, W_hat = packed_layer(m, n, bits, m + n)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    t = RHT(m, n, seed=1, device="cuda")
+    y = ops.e8p_matmul(x.cuda(), qweight.cuda(), scales.cuda(), e8p_abs_grid("cuda"), bits,
+                       *t.fused_args(torch.device("cuda")))
+    ref = t.output_inverse(t.input_transform(x.cuda().double()) @ W_hat.cuda().double().T)
+    # fp32 (fp64) accumulation in another order; bf16: the GEMM's bf16 tiles and output rounding
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(y.double(), ref.to(dtype).double(), rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_opcheck():
+    qweight, s, _ = packed_layer(16, 64, 4, 0)
+    for tokens in (1, 20):
+        torch.library.opcheck(torch.ops.yaqa.e8p_matmul.default, (torch.randn(tokens, 64, device="cuda"), qweight.cuda(),
+                                                                  s.cuda(), e8p_abs_grid("cuda"), 4))

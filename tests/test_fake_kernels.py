@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from yaqa_ext import ops
+from yaqa_ext.codebooks import e8p_abs_grid
 
 META = torch.device("meta")
 
@@ -19,8 +20,23 @@ def ldlq_args(n: int = 8, m: int = 4) -> list:
     return [torch.randn(m, n), torch.eye(n), torch.eye(m), torch.ones(m, 1), torch.zeros(m, 1), 2, n, 2, 2]
 
 
+def e8p_round_args() -> list:
+    return [torch.randn(4, 16), torch.eye(16), torch.eye(4), torch.ones(4, 2), e8p_abs_grid(), 4, 2, 8]
+
+
+def e8p_matmul_args() -> list:
+    return [torch.randn(3, 16), torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.float16),
+            e8p_abs_grid(), 2]
+
+
 # (op, arguments, index of the argument moved to the meta device)
 MIXED = [
+    (ops.ldlq_round_e8p, e8p_round_args, 0),
+    (ops.ldlq_round_e8p, e8p_round_args, 3),
+    (ops.ldlq_round_e8p, e8p_round_args, 4),
+    (ops.e8p_matmul, e8p_matmul_args, 0),
+    (ops.e8p_matmul, e8p_matmul_args, 1),
+    (ops.e8p_matmul, e8p_matmul_args, 3),
     (ops.hadamard_transform, lambda: [torch.randn(3, 24), torch.ones(12, 12)], 1),
     (ops.ldlq_round, ldlq_args, 0),
     (ops.ldlq_round, ldlq_args, 1),

@@ -4,7 +4,9 @@
 // them into one accumulator per token, then the warp reduces with shuffles. Larger batches: rows are dequantized a
 // tile at a time into x's dtype (fp16 / bf16: cuBLAS tensor cores with fp32 accumulation; fp32 / fp64 as is) and
 // multiplied by at::mm, so the weight is never materialised whole. The optional RHT around the product uses the
-// CUDA Hadamard transform. Current stream, device guard, no host synchronisation.
+// CUDA Hadamard transform. Current stream, device guard, no host synchronisation. The E8P weight (e8p_matmul) takes
+// the same two paths, each block staging the 8 KB pattern table in shared memory and decoding one 8-weight unit
+// per thread.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -13,6 +15,7 @@
 #include <type_traits>
 
 #include "../ops.h"
+#include "../e8p.h"
 #include "../qmatmul.h"
 
 namespace yaqa {
@@ -99,6 +102,115 @@ __global__ void dequantize_tile_kernel(PackedArgs w, const s_t* __restrict__ sca
   }
 }
 
+// x as (T, n) in the compute type; with an RHT, the transformed input x S_U Had_n^T.
+at::Tensor rht_input(const at::Tensor& x, int64_t n, at::ScalarType ct, const std::optional<at::Tensor>& sign_in,
+                     const std::optional<at::Tensor>& had_in) {
+  const at::Tensor flat = x.reshape({-1, n}).to(ct);
+  return (sign_in.has_value() ? hadamard_transform_cuda(flat * sign_in->to(ct), had_in) : flat).contiguous();
+}
+
+// y (T, m) in the compute type, with an RHT y Had_m S_V, as x's dtype and shape (..., m).
+at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, const std::optional<at::Tensor>& sign_out,
+                      const std::optional<at::Tensor>& had_out) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = y.size(1);
+  if (sign_out.has_value()) y = hadamard_transform_cuda(y, had_out).mul_(sign_out->to(ct));
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+// The packed E8P weight (csrc/e8p.h): `bits` little-endian bytes per unit of 8 weights.
+struct E8PArgs {
+  const uint8_t* codes;
+  int64_t m, n, bits, stages, s_stride;  // s_stride 0 when one row of scales serves every row
+  const float* grid;                     // (256, 8) patterns, device memory
+  const int32_t* parity;                 // (256)
+};
+
+__device__ __forceinline__ uint32_t e8p_code(const uint8_t* row, int64_t unit, int64_t bits) {
+  uint32_t v = 0;
+  const uint8_t* p = row + unit * bits;
+  for (int64_t b = 0; b < bits; ++b) v |= static_cast<uint32_t>(p[b]) << (8 * b);
+  return v;
+}
+
+// The pattern table and parities staged in shared memory by the whole block (8 KB + 1 KB).
+__device__ __forceinline__ void stage_e8p_tables(const E8PArgs& w, float* grid, int32_t* parity) {
+  for (int i = threadIdx.x; i < kE8PPatterns * 8; i += blockDim.x) grid[i] = w.grid[i];
+  for (int i = threadIdx.x; i < kE8PPatterns; i += blockDim.x) parity[i] = w.parity[i];
+  __syncthreads();
+}
+
+// Stage 1 and stage 2 values (v2 zero for 2 bits) of one unit's code.
+__device__ __forceinline__ void e8p_unit_values(uint32_t code, int64_t bits, const float* grid, const int32_t* parity,
+                                                float* v1, float* v2) {
+  e8p_decode(code & 0xffffu, grid, parity, v1);
+  if (bits == 4) {
+    e8p_decode(code >> 16, grid, parity, v2);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v2[k] = bits == 3 ? ((code >> (16 + k)) & 1u ? -1.0f : 1.0f) : 0.0f;
+  }
+}
+
+// GEMV for up to kSmallBatch tokens: one warp per output row, each lane decoding one unit (8 weights) at a time
+// from the shared-memory tables; y = s1 <v1, x> + s2 <v2, x> after a shuffle reduction.
+template <typename acc_t>
+__global__ void e8p_gemv_kernel(E8PArgs w, const acc_t* __restrict__ x, const acc_t* __restrict__ scales,
+                                acc_t* __restrict__ y, int T) {
+  __shared__ float grid[kE8PPatterns * 8];
+  __shared__ int32_t parity[kE8PPatterns];
+  stage_e8p_tables(w, grid, parity);
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= w.m) return;
+  const uint8_t* codes = w.codes + row * (w.n / 8) * w.bits;
+  acc_t a1[kSmallBatch], a2[kSmallBatch];
+#pragma unroll
+  for (int t = 0; t < kSmallBatch; ++t) a1[t] = a2[t] = acc_t(0);
+  for (int64_t c = lane; c < w.n / 8; c += 32) {
+    float v1[8], v2[8];
+    e8p_unit_values(e8p_code(codes, c, w.bits), w.bits, grid, parity, v1, v2);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+#pragma unroll
+      for (int t = 0; t < kSmallBatch; ++t) {
+        if (t < T) {
+          const acc_t xv = x[t * w.n + c * 8 + k];
+          a1[t] += static_cast<acc_t>(v1[k]) * xv;
+          a2[t] += static_cast<acc_t>(v2[k]) * xv;
+        }
+      }
+    }
+  }
+  const acc_t* s = scales + row * w.s_stride;
+#pragma unroll
+  for (int t = 0; t < kSmallBatch; ++t) {
+    if (t >= T) break;
+    acc_t sum = s[0] * a1[t] + (w.stages == 2 ? s[1] * a2[t] : acc_t(0));
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) y[t * w.m + row] = sum;
+  }
+}
+
+// Rows [j0, j0 + rows) of W_hat = s1 v1 + s2 v2 into tile (rows x n) in out_t: one thread per unit.
+template <typename out_t, typename s_t>
+__global__ void e8p_dequantize_tile_kernel(E8PArgs w, const s_t* __restrict__ scales, int64_t j0, int64_t rows,
+                                           out_t* __restrict__ tile) {
+  __shared__ float grid[kE8PPatterns * 8];
+  __shared__ int32_t parity[kE8PPatterns];
+  stage_e8p_tables(w, grid, parity);
+  const int64_t units = w.n / 8;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * units) return;
+  const int64_t r = idx / units, c = idx % units, row = j0 + r;
+  float v1[8], v2[8];
+  e8p_unit_values(e8p_code(w.codes + row * units * w.bits, c, w.bits), w.bits, grid, parity, v1, v2);
+  const s_t* s = scales + row * w.s_stride;
+  const s_t s2 = w.stages == 2 ? s[1] : s_t(0);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) tile[r * w.n + c * 8 + k] = static_cast<out_t>(s[0] * v1[k] + s2 * v2[k]);
+}
+
 }  // namespace
 
 at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -112,9 +224,7 @@ at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Compute type: fp64 for fp64 activations, else fp32 (the GEMV); the tile GEMM runs in x's own dtype.
   const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor xa = x.reshape({-1, n}).to(ct);
-  if (sign_in.has_value()) xa = hadamard_transform_cuda(xa * sign_in->to(ct), had_in);
-  xa = xa.contiguous();
+  const at::Tensor xa = rht_input(x, n, ct, sign_in, had_in);
   const int64_t T = xa.size(0);
   const at::Tensor q = qweight.contiguous();
   const at::Tensor s = scales.to(ct).contiguous(), z = zeros.to(ct).contiguous();
@@ -146,12 +256,55 @@ at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const
       y.narrow(1, j0, rows).copy_(at::mm(xg, tile.narrow(0, 0, rows).t()));
     }
   }
-  if (sign_out.has_value()) y = hadamard_transform_cuda(y, had_out).mul_(sign_out->to(ct));  // y Had_m S_V
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = m;
-  return y.to(x.scalar_type()).view(out_shape);
+  return rht_output(y, x, ct, sign_out, had_out);
 }
 
-TORCH_LIBRARY_IMPL(yaqa, CUDA, m) { m.impl("int_matmul", &int_matmul_cuda); }
+at::Tensor e8p_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& abs_grid, int64_t bits, const std::optional<at::Tensor>& sign_in,
+                           const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                           const std::optional<at::Tensor>& had_out) {
+  const int64_t n = check_e8p_matmul_args(x, qweight, scales, abs_grid, bits, sign_in, had_in, sign_out, had_out);
+  const int64_t m = qweight.size(0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = rht_input(x, n, ct, sign_in, had_in);
+  const int64_t T = xa.size(0);
+  const at::Tensor q = qweight.contiguous();
+  const at::Tensor s = scales.to(ct).contiguous();
+  const E8PTables tables = e8p_tables(abs_grid);
+  const E8PArgs w{q.data_ptr<uint8_t>(), m, n, bits, e8p_stages(bits, "e8p_matmul"), s.size(0) == 1 ? 0 : s.size(1),
+                  tables.grid.data_ptr<float>(), tables.parity.data_ptr<int32_t>()};
+  at::Tensor y = at::empty({T, m}, xa.options());
+  if (T > 0 && T <= kSmallBatch) {
+    const unsigned blocks = static_cast<unsigned>((m + kWarpsPerBlock - 1) / kWarpsPerBlock);
+    AT_DISPATCH_FLOATING_TYPES(ct, "e8p_matmul_cuda", [&] {
+      e8p_gemv_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+          w, xa.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), static_cast<int>(T));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (T > 0) {
+    const auto gemm_t = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? x.scalar_type() : ct;
+    const at::Tensor xg = xa.to(gemm_t);
+    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options().dtype(gemm_t));
+    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
+      const int64_t rows = std::min(kTileRows, m - j0);
+      const unsigned blocks = static_cast<unsigned>((rows * (n / 8) + 255) / 256);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gemm_t, "e8p_matmul_cuda_tile", [&] {
+        using s_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;  // = ct
+        e8p_dequantize_tile_kernel<scalar_t, s_t><<<blocks, 256, 0, stream>>>(w, s.data_ptr<s_t>(), j0, rows,
+                                                                              tile.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      y.narrow(1, j0, rows).copy_(at::mm(xg, tile.narrow(0, 0, rows).t()));
+    }
+  }
+  return rht_output(y, x, ct, sign_out, had_out);
+}
+
+TORCH_LIBRARY_IMPL(yaqa, CUDA, m) {
+  m.impl("int_matmul", &int_matmul_cuda);
+  m.impl("e8p_matmul", &e8p_matmul_cuda);
+}
 
 }  // namespace yaqa

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._C import WITH_CUDA
 from ..hadamard import RHT
 from .base import Codebook, Grid, register_codebook
 
@@ -233,9 +234,10 @@ class E8PCodebook(Codebook):
 
     @classmethod
     def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
-        """The fused op on the CPU when no gradient is needed (codes decoded as they are used, the RHT inside);
-        else (CUDA: no E8P kernel yet) the dequantized weight's matmul."""
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        """The fused op (codes decoded as they are used, the RHT inside) on a backend that has its kernel (CPU;
+        CUDA in a CUDA build) when no gradient is needed; else the dequantized weight's matmul."""
+        kernel = x.device.type == "cpu" or (x.device.type == "cuda" and WITH_CUDA)
+        if kernel and not (torch.is_grad_enabled() and x.requires_grad):
             return ops.e8p_matmul(x, layer.qweight, layer.scales, e8p_abs_grid(x.device), layer.layout["bits"],
                                   *(() if rht is None else rht.fused_args(x.device)))
         codes, grid = cls.unpack(layer)
