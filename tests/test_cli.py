@@ -83,6 +83,21 @@ def test_quantize_with_finetuning(shared, tmp_path):
     assert not (out / "finetune-state").exists()
 
 
+def test_quantize_with_the_e8p_codebook(shared, tmp_path):
+    """--quantizer e8p: layers stored as E8P codes, loadable for eval; a layer whose input size is not a multiple
+    of 8 (stories260K's 172-wide down_proj) is refused by name until it is skipped."""
+    out = tmp_path / "q"
+    args = ["quantize", "--method", "ldlq", "--bits", "2", "--quantizer", "e8p", "--out", str(out), "--n-seqs", "4",
+            "--seq-len", "32", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="2"):
+        main(args)
+    assert main([*args, "--skip", "down_proj"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quantizer"] == "e8p" and {s["codebook"] for s in config["modules"].values()} == {"e8p"}
+    assert len(config["modules"]) == 5 * 6  # 5 blocks, every linear but down_proj
+    assert main(["eval", "--quant", str(out), "--n-seqs", "2", "--seq-len", "32", "--device", "cpu"]) == 0
+
+
 def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
     args = ["run", "--out", str(tmp_path), "--methods", "rtn", "yaqa-B", "--bits", "4", "--n-seqs", "8", "--seq-len",
             "64", "--eval-seqs", "4", "--eval-len", "64", "--device", "cpu"]
