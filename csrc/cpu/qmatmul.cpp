@@ -34,6 +34,18 @@ constexpr int64_t kSmallBatch = 16;  // up to this many tokens: the row-by-row d
 constexpr int64_t kTokenChunk = 8;   // tokens per pass of the fused path (their accumulators fill the registers)
 constexpr int64_t kTileRows = 256;  // rows dequantized per GEMM on the large-batch path
 
+// B <= 4 little-endian bytes as an integer (3 bytes composed by hand: a 3-byte memcpy may become a library call).
+template <int B>
+YAQA_INLINE uint32_t load_le(const uint8_t* p) {
+  if constexpr (B == 3) {
+    return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
+  } else {
+    uint32_t v = 0;
+    std::memcpy(&v, p, B);
+    return v;
+  }
+}
+
 struct Packed {
   const uint8_t* codes;
   int64_t m, n, bits, group_size, row_bytes;
@@ -159,8 +171,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 decode8(const u
   if constexpr (B == 8) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c * 8))));
   } else {
-    uint32_t v = 0;
-    std::memcpy(&v, row + c * B, B);
+    const uint32_t v = load_le<B>(row + c * B);
     const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
     const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), shifts),
                                            _mm256_set1_epi32((1 << B) - 1));
@@ -411,8 +422,7 @@ __attribute__((target("avx2,fma"))) void e8p_fused_rows(const E8PPacked& w, cons
     for (int64_t c0 = 0; c0 < units; c0 += U) {
       for (int u = 0; u < U && c0 + u < units; ++u) {
         const int64_t c = c0 + u;
-        uint32_t code = 0;
-        std::memcpy(&code, row + c * B, B);
+        const uint32_t code = load_le<B>(row + c * B);
         const __m256 v1 = e8p_unit(code & 0xffffu, w, tables);
         for (int t = 0; t < T; ++t) p1[t][u] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + t * n + c * 8), p1[t][u]);
         if constexpr (B > 2) {
@@ -476,8 +486,7 @@ __attribute__((target("avx2,fma"))) void e8p_fused_dequantize(const E8PPacked& w
     const __m256 s1 = _mm256_set1_ps(s[j * w.s_stride]);
     const __m256 s2 = _mm256_set1_ps(B > 2 ? s[j * w.s_stride + 1] : 0.0f);
     for (int64_t c = 0; c < units; ++c) {
-      uint32_t code = 0;
-      std::memcpy(&code, row + c * B, B);
+      const uint32_t code = load_le<B>(row + c * B);
       __m256 v = _mm256_mul_ps(e8p_unit(code & 0xffffu, w, tables), s1);
       if constexpr (B > 2) {
         const __m256 v2 = B == 3 ? flip(ones, tables, (code >> 16) & 255u) : e8p_unit(code >> 16, w, tables);
