@@ -45,6 +45,13 @@ TORCH_LIBRARY(yaqa, m) {
   m.def("ldlq_round_e8p(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor abs_grid, int bits, int td_x, "
         "int td_y) -> (Tensor W_hat, Tensor codes)");
 
+  // Two-sided LDLQ with bitshift trellis codes (csrc/trellis.h) on 16 x 16 units (16 | m, n, td_x, td_y): table the
+  // 2^L state values (fp32, L a multiple of bits), scales (m, 1) fp32 > 0. Returns W_hat (fp32, exactly the values
+  // of the codes) and codes (uint8, one row of 256 + (L - bits) / bits symbols < 2^bits per unit, units row-major).
+  // CPU only.
+  m.def("ldlq_round_trellis(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor table, int bits, int td_x, "
+        "int td_y) -> (Tensor W_hat, Tensor codes)");
+
   // y = x W_hat^T for x (..., n) and the packed scalar-grid weight W_hat = (codes - z) * s (m x n):
   // qweight (m, ceil(n / 8) * bits) uint8 holds each row's codes as a little-endian bit stream (8 codes
   // in `bits` bytes), scales / zeros (1 or m, n / group_size) fp16 or fp32. The weight is never

@@ -31,6 +31,10 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cpu(const at::Tensor& W, const
                                                       const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
                                                       const at::Tensor& abs_grid, int64_t bits, int64_t td_x,
                                                       int64_t td_y);
+std::tuple<at::Tensor, at::Tensor> ldlq_round_trellis_cpu(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                                          const std::optional<at::Tensor>& L_out,
+                                                          const at::Tensor& scales, const at::Tensor& table,
+                                                          int64_t bits, int64_t td_x, int64_t td_y);
 at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& abs_grid, int64_t bits, const std::optional<at::Tensor>& sign_in,
                           const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,

@@ -19,6 +19,7 @@
 
 #include "checks.h"
 #include "e8p.h"
+#include "trellis.h"
 
 namespace yaqa {
 
@@ -92,6 +93,36 @@ struct E8PPolicy {
       code |= second << 16;
     }
     codes[row * units + col / 8] = static_cast<Code>(code);
+  }
+};
+
+// Bitshift trellis codes (trellis.h) over 16 x 16 units (T = 256 weights, row-major), one scale per row: the
+// Viterbi search minimises the unit's squared error sum_t s_r^2 (x_t / s_r - table[state_t])^2 exactly. CPU only
+// (one search holds 2^L costs and T 2^(L-k) choices).
+struct TrellisPolicy {
+  static constexpr int64_t kUnitRows = 16, kUnitCols = 16, kLength = kUnitRows * kUnitCols;
+  using Code = uint8_t;
+  const float* table;    // (2^L) state values
+  const float* scales;   // (m)
+  int64_t L, k, units_per_row, symbols;  // symbols per unit: T + (L - k) / k
+  TrellisScratch* scratch;
+
+  void round_unit(const float* x, int64_t ldx, int64_t row, int64_t col, float* value, int64_t ldv,
+                  Code* codes) const {
+    float y[kLength], w[kLength];
+    for (int64_t r = 0; r < kUnitRows; ++r) {
+      const float sr = scales[row + r];
+      for (int64_t c = 0; c < kUnitCols; ++c) y[r * kUnitCols + c] = x[r * ldx + c] / sr, w[r * kUnitCols + c] = sr * sr;
+    }
+    Code* out = codes + ((row / kUnitRows) * units_per_row + col / kUnitCols) * symbols;
+    trellis_viterbi(y, w, kLength, L, k, table, *scratch, out);
+    const int64_t p = symbols - kLength, mask = (int64_t{1} << L) - 1;
+    int64_t state = 0;
+    for (int64_t i = 0; i < p; ++i) state = (state << k) | out[i];
+    for (int64_t t = 0; t < kLength; ++t) {
+      state = ((state << k) | out[p + t]) & mask;
+      value[(t / kUnitCols) * ldv + t % kUnitCols] = table[state] * scales[row + t / kUnitCols];
+    }
   }
 };
 
@@ -212,6 +243,42 @@ inline E8PRounding prepare_e8p_rounding(const at::Tensor& W, const std::optional
   r.book = E8PPolicy{r.tables.grid.data_ptr<float>(), r.tables.norms.data_ptr<float>(),
                      r.tables.parity.data_ptr<int32_t>(), r.scales.data_ptr<float>(), n / 8, stages, bits};
   return r;
+}
+
+// What the CPU's ldlq_round_trellis starts from: checked, contiguous inputs, the outputs, the policy (its scratch
+// memory owned here).
+struct TrellisRounding {
+  at::Tensor W, scales, table, W_hat, codes;
+  TrellisScratch scratch;
+  TrellisPolicy book;
+};
+
+inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, const std::optional<at::Tensor>& L_in,
+                                     const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
+                                     const at::Tensor& table, int64_t bits, int64_t td_x, int64_t td_y) {
+  constexpr const char* op = "ldlq_round_trellis";
+  const RoundingShape shape = check_rounding_args(W, L_in, L_out, td_x, td_y, op);
+  const int64_t m = shape.m, n = shape.n;
+  constexpr int64_t u = TrellisPolicy::kUnitRows;
+  TORCH_CHECK_VALUE(m % u == 0 && n % u == 0 && td_x % u == 0 && td_y % u == 0, op,
+                    ": trellis codes 16 x 16 units: m (", m, "), n (", n, "), td_x (", td_x, ") and td_y (", td_y,
+                    ") must be multiples of 16");
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 4, op, ": bits must be in 1..4, got ", bits);
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat, op, ": table must be float32, got ", table.scalar_type());
+  const int64_t size = table.dim() == 1 ? table.size(0) : 0;
+  int64_t L = 0;
+  while (L < 20 && (int64_t{1} << L) < size) ++L;
+  TORCH_CHECK_VALUE(size > 0 && (int64_t{1} << L) == size && L > bits && L % bits == 0, op,
+                    ": table must hold 2^L state values, L <= 20 a multiple of bits (", bits, ") above it, got shape ",
+                    table.sizes());
+  check_same_device(W, table, op, "W", "table");
+  TORCH_CHECK_VALUE(at::isfinite(table).all().item<bool>(), op, ": table has NaN or infinite entries");
+  check_grid_tensor(scales, W, m, 1, true, op, "scales", "(rows, 1)");
+  r.W = W.contiguous(), r.scales = scales.contiguous(), r.table = table.contiguous();
+  const int64_t symbols = TrellisPolicy::kLength + (L - bits) / bits;
+  r.W_hat = at::empty({m, n}, r.W.options());
+  r.codes = at::empty({(m / u) * (n / u), symbols}, r.W.options().dtype(at::kByte));
+  r.book = TrellisPolicy{r.table.data_ptr<float>(), r.scales.data_ptr<float>(), L, bits, n / u, symbols, &r.scratch};
 }
 
 }  // namespace yaqa

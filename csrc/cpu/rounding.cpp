@@ -124,8 +124,21 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cpu(const at::Tensor& W_in, co
   return {r.W_hat, r.codes};
 }
 
+std::tuple<at::Tensor, at::Tensor> ldlq_round_trellis_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in,
+                                                          const std::optional<at::Tensor>& L_out,
+                                                          const at::Tensor& scales, const at::Tensor& table,
+                                                          int64_t bits, int64_t td_x, int64_t td_y) {
+  TrellisRounding r;
+  prepare_trellis_rounding(r, W_in, L_in, L_out, scales, table, bits, td_x, td_y);
+  ldlq_round_loop(r.book, r.W, L_in.has_value() ? L_in->contiguous() : at::Tensor(),
+                  L_out.has_value() ? L_out->contiguous() : at::Tensor(), r.W_hat, r.codes.data_ptr<uint8_t>(), td_x,
+                  td_y);
+  return {r.W_hat, r.codes};
+}
+
 TORCH_LIBRARY_IMPL(yaqa, CPU, m) {
   m.impl("ldlq_round", &ldlq_round_cpu);
+  m.impl("ldlq_round_trellis", &ldlq_round_trellis_cpu);
   m.impl("ldlq_round_e8p", &ldlq_round_e8p_cpu);
 }
 

@@ -25,6 +25,7 @@ __all__ = [
     "input_moment_update",
     "ldlq_round",
     "ldlq_round_e8p",
+    "ldlq_round_trellis",
     "sketch_a_update",
     "sketch_b_update",
 ]
@@ -254,6 +255,34 @@ def _ldlq_round_e8p_fake(W, L_in, L_out, scales, abs_grid, bits, td_x, td_y) -> 
     _check_e8p_grid(op, abs_grid)
     _check_devices(op, W=W, L_in=L_in, L_out=L_out, scales=scales, abs_grid=abs_grid)
     return W.new_empty(W.shape), W.new_empty((m, n // 8), dtype=torch.int32)
+
+
+def ldlq_round_trellis(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales: Tensor, table: Tensor,
+                       bits: int, td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
+    """Two-sided LDLQ of W with bitshift trellis codes on 16 x 16 units (Viterbi per unit), state values ``table``
+    (2^L), scales (m, 1): returns ``(W_hat, codes)``, codes uint8 (units, 256 + (L - bits) / bits) symbols."""
+    return torch.ops.yaqa.ldlq_round_trellis.default(W, L_in, L_out, scales, table, bits, td_x, td_y)
+
+
+@torch.library.register_fake("yaqa::ldlq_round_trellis")
+def _ldlq_round_trellis_fake(W, L_in, L_out, scales, table, bits, td_x, td_y) -> tuple[Tensor, Tensor]:
+    op = "ldlq_round_trellis"
+    torch._check(W.dim() == 2 and W.dtype == torch.float32, lambda: f"{op}: W must be a 2-D float32 matrix")
+    m, n = W.shape
+    torch._check(m * n > 0 and m % 16 == 0 and n % 16 == 0 and td_x % 16 == 0 and td_y % 16 == 0 and td_x * td_y <= 1024
+                 and m % td_x == 0 and n % td_y == 0,
+                 lambda: f"{op}: m ({m}), n ({n}), td_x ({td_x}), td_y ({td_y}) must be multiples of 16 (tiles dividing W)")
+    torch._check(1 <= bits <= 4, lambda: f"{op}: bits must be in 1..4, got {bits}")
+    _check_dtypes(op, (torch.float32,), L_in=L_in, L_out=L_out, scales=scales, table=table)
+    size = table.numel()
+    L = size.bit_length() - 1
+    torch._check(table.dim() == 1 and size == 2**L and L > bits and L % bits == 0 and L <= 20,
+                 lambda: f"{op}: table must hold 2^L state values, L a multiple of bits above it, got {tuple(table.shape)}")
+    _check_square(op, "L_in", L_in, n)
+    _check_square(op, "L_out", L_out, m)
+    torch._check(tuple(scales.shape) == (m, 1), lambda: f"{op}: scales must be ({m}, 1), got {tuple(scales.shape)}")
+    _check_devices(op, W=W, L_in=L_in, L_out=L_out, scales=scales, table=table)
+    return W.new_empty(W.shape), W.new_empty(((m // 16) * (n // 16), 256 + (L - bits) // bits), dtype=torch.uint8)
 
 
 def _check_rht_args(op: str, m: int, n: int, sign_in: Tensor | None, had_in: Tensor | None, sign_out: Tensor | None,

@@ -1,0 +1,92 @@
+// Bitshift trellis codes (after QTIP, arXiv 2406.11235; our construction, see python/yaqa_ext/codebooks/trellis.py).
+// A unit of T weights is coded by a stream of k-bit symbols c_{-p} .. c_{T-1}, p = (L - k) / k start symbols:
+// weight t's L-bit state is the concatenation c_{t-p} .. c_t (c_t in the low bits), so consecutive states share
+// L - k bits, and its value is table[state] (2^L values). The nearest sequence is found exactly by the Viterbi
+// algorithm over the 2^L states: the predecessors of state s are (s >> k) | q << (L - k) for the 2^k values of q,
+// so the best predecessor cost is shared by the 2^k states with the same s >> k.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace yaqa {
+
+// Scratch memory of one Viterbi run: two cost rows of 2^L, the best-predecessor costs of 2^(L-k), and the
+// predecessor choices of every step.
+struct TrellisScratch {
+  std::vector<float> cost, next, best;
+  std::vector<uint8_t> back;
+};
+
+// One step's best predecessors: best[j] = min_q cost[j + q J] and its q (the first on ties), written branch-free
+// over contiguous j so that it vectorises.
+template <int K>
+inline void trellis_best_predecessors(const float* cost, int64_t J, float* best, uint8_t* back) {
+  for (int64_t j = 0; j < J; ++j) {
+    float b = cost[j];
+    int arg = 0;
+    for (int q = 1; q < (1 << K); ++q) {
+      const float c = cost[j + q * J];
+      const bool lower = c < b;
+      b = lower ? c : b;
+      arg = lower ? q : arg;
+    }
+    best[j] = b;
+    back[j] = static_cast<uint8_t>(arg);
+  }
+}
+
+// The symbols (T + p of them, each < 2^k) of the sequence of least weighted squared error
+// sum_t w[t] (y[t] - table[state_t])^2 for targets y (T), weights w > 0.
+template <int K>
+inline void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
+                              TrellisScratch& s, uint8_t* symbols) {
+  constexpr int64_t Q = int64_t{1} << K;
+  const int64_t S = int64_t{1} << L, J = S >> K, p = (L - K) / K;
+  s.cost.resize(S), s.next.resize(S), s.best.resize(J), s.back.resize(static_cast<size_t>(T * J));
+  for (int64_t st = 0; st < S; ++st) {
+    const float d = y[0] - table[st];
+    s.cost[st] = w[0] * (d * d);
+  }
+  for (int64_t t = 1; t < T; ++t) {
+    trellis_best_predecessors<K>(s.cost.data(), J, s.best.data(), s.back.data() + t * J);
+    const float yt = y[t], wt = w[t];
+    float* next = s.next.data();
+    const float* best = s.best.data();
+    for (int64_t j = 0; j < J; ++j) {
+      for (int64_t q = 0; q < Q; ++q) {
+        const float d = yt - table[j * Q + q];
+        next[j * Q + q] = best[j] + wt * (d * d);
+      }
+    }
+    std::swap(s.cost, s.next);
+  }
+  int64_t state = 0;
+  for (int64_t st = 1; st < S; ++st) {
+    if (s.cost[st] < s.cost[state]) state = st;
+  }
+  // Back from the last state: symbol c_t is the state's low k bits; the start state also gives c_{-p} .. c_{-1}.
+  for (int64_t t = T - 1; t >= 0; --t) {
+    symbols[p + t] = static_cast<uint8_t>(state & (Q - 1));
+    if (t == 0) break;
+    const int64_t j = state >> K;
+    state = j | (static_cast<int64_t>(s.back[t * J + j]) << (L - K));
+  }
+  for (int64_t i = 0; i < p; ++i) symbols[p - 1 - i] = static_cast<uint8_t>((state >> (K * (i + 1))) & (Q - 1));
+}
+
+inline void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
+                            TrellisScratch& s, uint8_t* symbols) {
+  switch (k) {
+    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols);
+    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols);
+    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols);
+    case 4: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
+    default: TORCH_CHECK_VALUE(false, "trellis codes: bits must be 1 to 4, got ", k);
+  }
+}
+
+}  // namespace yaqa
