@@ -116,12 +116,9 @@ struct TrellisPolicy {
     }
     Code* out = codes + ((row / kUnitRows) * units_per_row + col / kUnitCols) * symbols;
     trellis_viterbi(y, w, kLength, L, k, table, *scratch, out);
-    const int64_t p = symbols - kLength, mask = (int64_t{1} << L) - 1;
-    int64_t state = 0;
-    for (int64_t i = 0; i < p; ++i) state = (state << k) | out[i];
+    const int64_t p = symbols - kLength;
     for (int64_t t = 0; t < kLength; ++t) {
-      state = ((state << k) | out[p + t]) & mask;
-      value[(t / kUnitCols) * ldv + t % kUnitCols] = table[state] * scales[row + t / kUnitCols];
+      value[(t / kUnitCols) * ldv + t % kUnitCols] = table[trellis_state(out, t, p, k)] * scales[row + t / kUnitCols];
     }
   }
 };

@@ -1,9 +1,9 @@
 // Bitshift trellis codes (after QTIP, arXiv 2406.11235; our construction, see python/yaqa_ext/codebooks/trellis.py).
-// A unit of T weights is coded by a stream of k-bit symbols c_{-p} .. c_{T-1}, p = (L - k) / k start symbols:
-// weight t's L-bit state is the concatenation c_{t-p} .. c_t (c_t in the low bits), so consecutive states share
-// L - k bits, and its value is table[state] (2^L values). The nearest sequence is found exactly by the Viterbi
-// algorithm over the 2^L states: the predecessors of state s are (s >> k) | q << (L - k) for the 2^k values of q,
-// so the best predecessor cost is shared by the 2^k states with the same s >> k.
+// A unit of T weights is coded by a stream of T + p k-bit symbols, p = (L - k) / k: weight t's L-bit state is
+// the window of stream symbols t .. t + p read little-endian (symbol t + i at bits k i), so the state shifts right
+// by k bits per weight and the new symbol enters at the top; its value is table[state] (2^L values). The nearest
+// sequence is found exactly by the Viterbi algorithm over the 2^L states: the predecessors of state s are
+// ((s mod J) << k) | q for the 2^k values of q (J = 2^(L - k)), shared by the 2^k states with the same s mod J.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,17 +21,16 @@ struct TrellisScratch {
   std::vector<uint8_t> back;
 };
 
-// One step's best predecessors: best[j] = min_q cost[j + q J] and its q (the first on ties), written branch-free
-// over contiguous j so that it vectorises.
+// One step's best predecessors: best[j] = min_q cost[(j << k) | q] and its q (the first on ties).
 template <int K>
 inline void trellis_best_predecessors(const float* cost, int64_t J, float* best, uint8_t* back) {
   for (int64_t j = 0; j < J; ++j) {
-    float b = cost[j];
+    const float* c = cost + (j << K);
+    float b = c[0];
     int arg = 0;
     for (int q = 1; q < (1 << K); ++q) {
-      const float c = cost[j + q * J];
-      const bool lower = c < b;
-      b = lower ? c : b;
+      const bool lower = c[q] < b;
+      b = lower ? c[q] : b;
       arg = lower ? q : arg;
     }
     best[j] = b;
@@ -39,8 +38,8 @@ inline void trellis_best_predecessors(const float* cost, int64_t J, float* best,
   }
 }
 
-// The symbols (T + p of them, each < 2^k) of the sequence of least weighted squared error
-// sum_t w[t] (y[t] - table[state_t])^2 for targets y (T), weights w > 0.
+// The stream (T + p symbols, each < 2^k) of least weighted squared error sum_t w[t] (y[t] - table[state_t])^2 for
+// targets y (T), weights w > 0.
 template <int K>
 inline void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
                               TrellisScratch& s, uint8_t* symbols) {
@@ -54,12 +53,13 @@ inline void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t
   for (int64_t t = 1; t < T; ++t) {
     trellis_best_predecessors<K>(s.cost.data(), J, s.best.data(), s.back.data() + t * J);
     const float yt = y[t], wt = w[t];
-    float* next = s.next.data();
     const float* best = s.best.data();
-    for (int64_t j = 0; j < J; ++j) {
-      for (int64_t q = 0; q < Q; ++q) {
-        const float d = yt - table[j * Q + q];
-        next[j * Q + q] = best[j] + wt * (d * d);
+    for (int64_t q = 0; q < Q; ++q) {  // the states with new symbol q: q J + j, contiguous in j
+      float* next = s.next.data() + q * J;
+      const float* v = table + q * J;
+      for (int64_t j = 0; j < J; ++j) {
+        const float d = yt - v[j];
+        next[j] = best[j] + wt * (d * d);
       }
     }
     std::swap(s.cost, s.next);
@@ -68,14 +68,14 @@ inline void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t
   for (int64_t st = 1; st < S; ++st) {
     if (s.cost[st] < s.cost[state]) state = st;
   }
-  // Back from the last state: symbol c_t is the state's low k bits; the start state also gives c_{-p} .. c_{-1}.
-  for (int64_t t = T - 1; t >= 0; --t) {
-    symbols[p + t] = static_cast<uint8_t>(state & (Q - 1));
-    if (t == 0) break;
-    const int64_t j = state >> K;
-    state = j | (static_cast<int64_t>(s.back[t * J + j]) << (L - K));
+  // Back from the last state: weight t's new symbol (stream index t + p) is its state's top k bits; the first
+  // state holds stream symbols 0 .. p.
+  for (int64_t t = T - 1; t > 0; --t) {
+    symbols[p + t] = static_cast<uint8_t>(state >> (L - K));
+    const int64_t j = state & (J - 1);
+    state = (j << K) | s.back[t * J + j];
   }
-  for (int64_t i = 0; i < p; ++i) symbols[p - 1 - i] = static_cast<uint8_t>((state >> (K * (i + 1))) & (Q - 1));
+  for (int64_t i = 0; i <= p; ++i) symbols[i] = static_cast<uint8_t>((state >> (K * i)) & (Q - 1));
 }
 
 inline void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
@@ -87,6 +87,13 @@ inline void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L
     case 4: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
     default: TORCH_CHECK_VALUE(false, "trellis codes: bits must be 1 to 4, got ", k);
   }
+}
+
+// The state of weight t from a unit's symbols: stream symbols t .. t + p, little-endian.
+inline int64_t trellis_state(const uint8_t* symbols, int64_t t, int64_t p, int64_t k) {
+  int64_t state = 0;
+  for (int64_t i = p; i >= 0; --i) state = (state << k) | symbols[t + i];
+  return state;
 }
 
 }  // namespace yaqa

@@ -18,10 +18,11 @@ from yaqa_ext.codebooks import TrellisCodebook, TrellisGrid, trellis_table
 
 def viterbi_reference(y: Tensor, w: Tensor, table: Tensor, bits: int) -> tuple[Tensor, float]:
     """The least weighted squared error state sequence for targets y (T) by dynamic programming over all 2^L
-    states (state_t = (state_{t-1} << bits | symbol) mod 2^L): its values and its cost."""
+    states (state_t = state_{t-1} >> bits | symbol << (L - bits)): its values and its cost."""
     S = table.numel()
     states = torch.arange(S)
-    pred = torch.stack([(states >> bits) | (q << (S.bit_length() - 1 - bits)) for q in range(2**bits)], 1)  # (S, Q)
+    J = S >> bits
+    pred = torch.stack([((states % J) << bits) | q for q in range(2**bits)], 1)  # (S, Q)
     cost = w[0] * (y[0] - table) ** 2
     back = []
     for t in range(1, y.numel()):

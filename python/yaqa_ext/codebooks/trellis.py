@@ -1,6 +1,6 @@
 """Bitshift trellis codes (after QTIP, arXiv 2406.11235; our construction): a 16 x 16 unit of weights (T = 256,
-row-major) is one sequence of k-bit symbols, ``k = bits``; weight t's state is the last L bits of the stream up
-to its symbol (consecutive states share L - k bits) and its value is ``table[state] * s_row``. The encoder is an
+row-major) is one stream of k-bit symbols, ``k = bits``; weight t's state is the L-bit window of the stream
+starting at bit k t (consecutive states share L - k bits) and its value is ``table[state] * s_row``. The encoder is an
 exact Viterbi search over the 2^L states (csrc/trellis.h). The stream starts with (L - k) / k symbols of its own
 (no tail-biting): ``k + (L - k) / 256`` bits per weight, e.g. 2.04 at 2 bits with L = 12.
 
@@ -56,8 +56,8 @@ def start_symbols(L: int, bits: int) -> int:
 def decode_values(symbols: Tensor, L: int, bits: int, m: int, n: int) -> Tensor:
     """The unscaled (m, n) values of per-unit symbol rows ((m / 16) (n / 16), 256 + start) uint8."""
     p = start_symbols(L, bits)
-    windows = symbols.long().unfold(1, p + 1, 1)  # (units, 256, p + 1): symbols c_{t-p} .. c_t
-    shifts = bits * torch.arange(p, -1, -1, device=symbols.device)
+    windows = symbols.long().unfold(1, p + 1, 1)  # (units, 256, p + 1): stream symbols t .. t + p
+    shifts = bits * torch.arange(p + 1, device=symbols.device)
     states = (windows << shifts).sum(-1)
     values = trellis_table(L, symbols.device)[states]  # (units, 256)
     return values.reshape(m // UNIT, n // UNIT, UNIT, UNIT).permute(0, 2, 1, 3).reshape(m, n)
