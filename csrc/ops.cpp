@@ -65,4 +65,10 @@ TORCH_LIBRARY(yaqa, m) {
   // for int_matmul. y has x's dtype and shape (..., m); computed in fp32 (fp64 for fp64 x).
   m.def("e8p_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor abs_grid, int bits, Tensor? sign_in=None, "
         "Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
+
+  // y = x W_hat^T for the packed trellis weight (trellis_matmul): qweight ((m / 16) (n / 16), ceil(symbols / 8) *
+  // bits) uint8, the symbol streams of ldlq_round_trellis's units; scales (m, 1) fp16 or fp32 (m from them); table
+  // the 2^L state values. CPU only.
+  m.def("trellis_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor table, int bits, Tensor? sign_in=None, "
+        "Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
 }

@@ -35,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_trellis_cpu(const at::Tensor& W, c
                                                           const std::optional<at::Tensor>& L_out,
                                                           const at::Tensor& scales, const at::Tensor& table,
                                                           int64_t bits, int64_t td_x, int64_t td_y);
+at::Tensor trellis_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& table, int64_t bits, const std::optional<at::Tensor>& sign_in,
+                              const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                              const std::optional<at::Tensor>& had_out);
 at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& abs_grid, int64_t bits, const std::optional<at::Tensor>& sign_in,
                           const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,

@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "e8p.h"
+#include "trellis.h"
 
 namespace yaqa {
 
@@ -100,6 +101,39 @@ inline int64_t check_e8p_matmul_args(const at::Tensor& x, const at::Tensor& qwei
   check_no_grad(x, op, "x");
   check_matmul_rht(x, m, sign_in, had_in, sign_out, had_out, op);
   return n;
+}
+
+// Validates trellis_matmul's arguments (the RHT's too); returns L. m is scales' rows.
+inline int64_t check_trellis_matmul_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                         const at::Tensor& table, int64_t bits,
+                                         const std::optional<at::Tensor>& sign_in,
+                                         const std::optional<at::Tensor>& had_in,
+                                         const std::optional<at::Tensor>& sign_out,
+                                         const std::optional<at::Tensor>& had_out) {
+  constexpr const char* op = "trellis_matmul";
+  check_activation(x, op);
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 4, op, ": bits must be in 1..4, got ", bits);
+  const int64_t L = check_trellis_table(table, x, bits, op);
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, op,
+                   ": scales must be float16 or float32, got ", scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) > 0 && scales.size(1) == 1, op,
+                    ": scales must be (m, 1), got ", scales.sizes());
+  const int64_t m = scales.size(0);
+  TORCH_CHECK_VALUE(n % 16 == 0 && m % 16 == 0, op, ": trellis codes 16 x 16 units: x's last dimension n = ", n,
+                    " and m = ", m, " must be multiples of 16");
+  const int64_t symbols = 256 + (L - bits) / bits, unit_bytes = (symbols + 7) / 8 * bits;
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, op, ": qweight must be uint8, got ", qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(0) == (m / 16) * (n / 16) && qweight.size(1) == unit_bytes, op,
+                    ": qweight must be ((m / 16) (n / 16), ceil(symbols / 8) bits) = (", (m / 16) * (n / 16), ", ",
+                    unit_bytes, "), got ", qweight.sizes());
+  for (const auto& [t, name] : {std::pair{&qweight, "qweight"}, std::pair{&scales, "scales"}}) {
+    check_same_device(x, *t, op, "x", name);
+    check_no_grad(*t, op, name);
+  }
+  check_no_grad(x, op, "x");
+  check_matmul_rht(x, m, sign_in, had_in, sign_out, had_out, op);
+  return L;
 }
 
 }  // namespace yaqa

@@ -261,14 +261,7 @@ inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, co
                     ": trellis codes 16 x 16 units: m (", m, "), n (", n, "), td_x (", td_x, ") and td_y (", td_y,
                     ") must be multiples of 16");
   TORCH_CHECK_VALUE(bits >= 1 && bits <= 4, op, ": bits must be in 1..4, got ", bits);
-  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat, op, ": table must be float32, got ", table.scalar_type());
-  const int64_t size = table.dim() == 1 ? table.size(0) : 0;
-  int64_t L = 0;
-  while (L < 20 && (int64_t{1} << L) < size) ++L;
-  TORCH_CHECK_VALUE(size > 0 && (int64_t{1} << L) == size && L > bits && L % bits == 0, op,
-                    ": table must hold 2^L state values, L <= 20 a multiple of bits (", bits, ") above it, got shape ",
-                    table.sizes());
-  check_same_device(W, table, op, "W", "table");
+  const int64_t L = check_trellis_table(table, W, bits, op);
   TORCH_CHECK_VALUE(at::isfinite(table).all().item<bool>(), op, ": table has NaN or infinite entries");
   check_grid_tensor(scales, W, m, 1, true, op, "scales", "(rows, 1)");
   r.W = W.contiguous(), r.scales = scales.contiguous(), r.table = table.contiguous();

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "checks.h"
+
 namespace yaqa {
 
 // Scratch memory of one Viterbi run: two cost rows of 2^L, the best-predecessor costs of 2^(L-k), and the
@@ -94,6 +96,19 @@ inline int64_t trellis_state(const uint8_t* symbols, int64_t t, int64_t p, int64
   int64_t state = 0;
   for (int64_t i = p; i >= 0; --i) state = (state << k) | symbols[t + i];
   return state;
+}
+
+// The L of a trellis state table (2^L float32 values, L a multiple of bits above it, at most 20).
+inline int64_t check_trellis_table(const at::Tensor& table, const at::Tensor& like, int64_t bits, const char* op) {
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat, op, ": table must be float32, got ", table.scalar_type());
+  const int64_t size = table.dim() == 1 ? table.size(0) : 0;
+  int64_t L = 0;
+  while (L < 20 && (int64_t{1} << L) < size) ++L;
+  TORCH_CHECK_VALUE(size > 0 && (int64_t{1} << L) == size && L > bits && L % bits == 0, op,
+                    ": table must hold 2^L state values, L <= 20 a multiple of bits (", bits, ") above it, got shape ",
+                    table.sizes());
+  check_same_device(like, table, op, "W or x", "table");
+  return L;
 }
 
 }  // namespace yaqa

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from yaqa_ext import ops
-from yaqa_ext.codebooks import e8p_abs_grid
+from yaqa_ext.codebooks import e8p_abs_grid, trellis_table
 
 META = torch.device("meta")
 
@@ -29,8 +29,20 @@ def e8p_matmul_args() -> list:
             e8p_abs_grid(), 2]
 
 
+def trellis_round_args() -> list:
+    return [torch.randn(16, 16), torch.eye(16), None, torch.ones(16, 1), trellis_table(6), 2, 16, 16]
+
+
+def trellis_matmul_args() -> list:
+    return [torch.randn(3, 16), torch.zeros(1, 66, dtype=torch.uint8), torch.ones(16, 1), trellis_table(12), 2]
+
+
 # (op, arguments, index of the argument moved to the meta device)
 MIXED = [
+    (ops.ldlq_round_trellis, trellis_round_args, 0),
+    (ops.ldlq_round_trellis, trellis_round_args, 4),
+    (ops.trellis_matmul, trellis_matmul_args, 0),
+    (ops.trellis_matmul, trellis_matmul_args, 1),
     (ops.ldlq_round_e8p, e8p_round_args, 0),
     (ops.ldlq_round_e8p, e8p_round_args, 3),
     (ops.ldlq_round_e8p, e8p_round_args, 4),

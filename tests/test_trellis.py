@@ -147,3 +147,53 @@ def test_quantized_model_round_trip(tmp_path):
     loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, q(tokens).logits)
+
+
+def random_layer(m: int, n: int, bits: int, L: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """qweight and scales (fp16) of random symbol streams (every stream is a valid code), and the weight the codebook
+    decodes from them (checked above against the encoder's values)."""
+    g = torch.Generator().manual_seed(seed)
+    grid = TrellisGrid((torch.rand(m, 1, generator=g) + 0.5).half().float(), bits, L)
+    codes = torch.randint(0, 2**bits, ((m // 16) * (n // 16), 256 + (L - bits) // bits), generator=g).to(torch.uint8)
+    layer = nn.Module()
+    TrellisCodebook.create_weights(layer, n, m, **grid.layout())
+    TrellisCodebook.pack(layer, codes, grid)
+    return layer.qweight, layer.scales, grid.decode(codes)
+
+
+@pytest.mark.parametrize(("bits", "L"), [(1, 12), (2, 12), (3, 12), (4, 12), (2, 16)])
+@pytest.mark.parametrize(("m", "n"), [(32, 48), (576, 576), (1536, 576)])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_matmul_matches_dequantize_then_matmul(bits, L, m, n, tokens):
+    qweight, scales, W_hat = random_layer(m, n, bits, L, m + n + bits)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
+    y = ops.trellis_matmul(x, qweight, scales, trellis_table(L), bits)
+    # fp32 accumulation of n products in another order
+    torch.testing.assert_close(y, (x.double() @ W_hat.double().T).float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_matmul_dtypes_and_rht(dtype, tokens):
+    from yaqa_ext.hadamard import RHT
+
+    m, n, bits = 48, 576, 2
+    qweight, scales, W_hat = random_layer(m, n, bits, 12, 3)
+    x = torch.randn(2, tokens, n, generator=torch.Generator().manual_seed(4)).to(dtype)
+    t = RHT(m, n, seed=5)
+    y = ops.trellis_matmul(x, qweight, scales, trellis_table(12), bits, *t.fused_args(x.device))
+    assert y.dtype == dtype and y.shape == (2, tokens, m)
+    ref = t.output_inverse(t.input_transform(x.double()) @ W_hat.double().T)
+    tol = {torch.float64: 1e-10, torch.bfloat16: 1.6e-2}[dtype]  # fp64 maths for fp64; bf16: the output's rounding
+    torch.testing.assert_close(y.double(), ref.to(dtype).double(), rtol=tol, atol=tol * 4)
+
+
+def test_matmul_opcheck_and_bad_inputs():
+    qweight, scales, _ = random_layer(32, 48, 3, 12, 0)
+    for tokens in (1, 20):
+        torch.library.opcheck(torch.ops.yaqa.trellis_matmul.default,
+                              (torch.randn(tokens, 48), qweight, scales, trellis_table(12), 3))
+    with pytest.raises(ValueError, match=r"qweight must be \(\(m / 16\) \(n / 16\)"):
+        ops.trellis_matmul(torch.randn(2, 48), qweight[:3], scales, trellis_table(12), 3)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ops.trellis_matmul(torch.randn(2, 40), qweight, scales, trellis_table(12), 3)

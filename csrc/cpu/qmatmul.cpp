@@ -23,6 +23,7 @@
 #include "../ops.h"
 #include "../e8p.h"
 #include "../qmatmul.h"
+#include "../trellis.h"
 #include "vector_clones.h"
 
 #define YAQA_INLINE inline __attribute__((always_inline))
@@ -528,6 +529,46 @@ void e8p_dequantize_rows_any(const E8PPacked& w, const double* s, int64_t j0, do
   e8p_dequantize_rows<double>(w, s, j0, tile, begin, end);
 }
 
+// The packed trellis weight (csrc/trellis.h): per 16 x 16 unit (row blocks of units, row-major) its symbols as a
+// k-bit little-endian stream of unit_bytes bytes.
+struct TrellisPacked {
+  const uint8_t* codes;
+  int64_t m, n, bits, L, unit_bytes;
+  const float* table;
+};
+
+// Row block rb (rows 16 rb .. 16 rb + 15) of W_hat into out (16 x n): each unit's stream copied into a
+// zero-padded buffer, then weight t's state is the L bits at bit k t, its value table[state] * s_row in fp32 (exactly
+// the rounding's W_hat).
+template <typename acc_t>
+void trellis_decode_block(const TrellisPacked& w, const float* scales, int64_t rb, acc_t* out) {
+  const int64_t cols = w.n / 16, mask = (int64_t{1} << w.L) - 1;
+  uint8_t buf[160] = {0};  // unit_bytes <= ceil((256 + 19) / 8) * 4 = 140, plus 8 bytes of padding
+  for (int64_t c = 0; c < cols; ++c) {
+    std::memcpy(buf, w.codes + (rb * cols + c) * w.unit_bytes, w.unit_bytes);
+    for (int64_t t = 0; t < 256; ++t) {
+      const int64_t bit = t * w.bits;
+      uint64_t v = 0;
+      std::memcpy(&v, buf + bit / 8, 8);
+      const float value = w.table[(v >> (bit % 8)) & mask] * scales[rb * 16 + t / 16];
+      out[(t / 16) * w.n + c * 16 + t % 16] = static_cast<acc_t>(value);
+    }
+  }
+}
+
+// Rows of row blocks [rb_begin, rb_end) of y (T x m).
+template <typename acc_t>
+void trellis_rows(const TrellisPacked& w, const float* scales, const acc_t* x, int64_t T, acc_t* y, int64_t rb_begin,
+                  int64_t rb_end) {
+  std::vector<acc_t> block(16 * w.n);
+  for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    trellis_decode_block(w, scales, rb, block.data());
+    for (int64_t r = 0; r < 16; ++r) {
+      for (int64_t t = 0; t < T; ++t) y[t * w.m + rb * 16 + r] = dot(block.data() + r * w.n, x + t * w.n, w.n);
+    }
+  }
+}
+
 }  // namespace
 
 at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -608,8 +649,46 @@ at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   return rht_output(y, x, ct, sign_out, had_out);
 }
 
+at::Tensor trellis_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& table, int64_t bits, const std::optional<at::Tensor>& sign_in,
+                              const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                              const std::optional<at::Tensor>& had_out) {
+  const int64_t L = check_trellis_matmul_args(x, qweight, scales, table, bits, sign_in, had_in, sign_out, had_out);
+  const int64_t m = scales.size(0), n = x.size(-1);
+  const auto ct = compute_type(x);
+  const at::Tensor xa = rht_input(x, n, ct, sign_in, had_in);
+  const at::Tensor q = qweight.contiguous(), tab = table.contiguous();
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const TrellisPacked w{q.data_ptr<uint8_t>(), m, n, bits, L, q.size(1), tab.data_ptr<float>()};
+  const int64_t T = xa.size(0);
+  at::Tensor y = at::empty({T, m}, xa.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "trellis_matmul_cpu", [&] {
+    if (T == 0) return;
+    const scalar_t* xp = xa.data_ptr<scalar_t>();
+    const float* sp = s.data_ptr<float>();
+    if (T <= kSmallBatch) {
+      at::parallel_for(0, m / 16, 1, [&](int64_t begin, int64_t end) {
+        trellis_rows(w, sp, xp, T, y.data_ptr<scalar_t>(), begin, end);
+      });
+      return;
+    }
+    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options());
+    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {  // kTileRows is a multiple of 16
+      const int64_t rows = std::min(kTileRows, m - j0);
+      at::parallel_for(0, rows / 16, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          trellis_decode_block(w, sp, j0 / 16 + b, tile.data_ptr<scalar_t>() + b * 16 * n);
+        }
+      });
+      y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
+    }
+  });
+  return rht_output(y, x, ct, sign_out, had_out);
+}
+
 TORCH_LIBRARY_IMPL(yaqa, CPU, m) {
   m.impl("int_matmul", &int_matmul_cpu);
+  m.impl("trellis_matmul", &trellis_matmul_cpu);
   m.impl("e8p_matmul", &e8p_matmul_cpu);
 }
 

@@ -28,6 +28,7 @@ __all__ = [
     "ldlq_round_trellis",
     "sketch_a_update",
     "sketch_b_update",
+    "trellis_matmul",
 ]
 
 
@@ -321,6 +322,39 @@ def _e8p_matmul_fake(x, qweight, scales, abs_grid, bits, sign_in=None, had_in=No
     _check_e8p_grid(op, abs_grid)
     _check_rht_args(op, m, n, sign_in, had_in, sign_out, had_out)
     _check_devices(op, x=x, qweight=qweight, scales=scales, abs_grid=abs_grid, sign_in=sign_in, had_in=had_in,
+                   sign_out=sign_out, had_out=had_out)
+    return x.new_empty((*x.shape[:-1], m))
+
+
+def trellis_matmul(x: Tensor, qweight: Tensor, scales: Tensor, table: Tensor, bits: int, sign_in: Tensor | None = None,
+                   had_in: Tensor | None = None, sign_out: Tensor | None = None, had_out: Tensor | None = None) -> Tensor:
+    """``x W_hat^T`` for the packed trellis weight (the symbol streams of :func:`ldlq_round_trellis`), decoded a row
+    block of 16 at a time; the optional RHT around it as in :func:`int_matmul`."""
+    return torch.ops.yaqa.trellis_matmul.default(x, qweight, scales, table, bits, sign_in, had_in, sign_out, had_out)
+
+
+@torch.library.register_fake("yaqa::trellis_matmul")
+def _trellis_matmul_fake(x, qweight, scales, table, bits, sign_in=None, had_in=None, sign_out=None, had_out=None):
+    op = "trellis_matmul"
+    _check_dtypes(op, _ACTIVATIONS, x=x)
+    _check_dtypes(op, (torch.uint8,), qweight=qweight)
+    _check_dtypes(op, (torch.float16, torch.float32), scales=scales)
+    _check_dtypes(op, (torch.float32,), table=table)
+    torch._check(1 <= bits <= 4, lambda: f"{op}: bits must be in 1..4, got {bits}")
+    size = table.numel()
+    L = size.bit_length() - 1
+    torch._check(table.dim() == 1 and size == 2**L and L > bits and L % bits == 0 and L <= 20,
+                 lambda: f"{op}: table must hold 2^L state values, L a multiple of bits above it, got {tuple(table.shape)}")
+    torch._check(scales.dim() == 2 and scales.size(0) > 0 and scales.size(1) == 1,
+                 lambda: f"{op}: scales must be (m, 1), got {tuple(scales.shape)}")
+    m, n = scales.size(0), x.size(-1)
+    torch._check(x.dim() >= 1 and n > 0 and n % 16 == 0 and m % 16 == 0,
+                 lambda: f"{op}: n ({n}) and m ({m}) must be multiples of 16")
+    unit_bytes = (256 + (L - bits) // bits + 7) // 8 * bits
+    torch._check(tuple(qweight.shape) == ((m // 16) * (n // 16), unit_bytes),
+                 lambda: f"{op}: qweight must be ({(m // 16) * (n // 16)}, {unit_bytes}), got {tuple(qweight.shape)}")
+    _check_rht_args(op, m, n, sign_in, had_in, sign_out, had_out)
+    _check_devices(op, x=x, qweight=qweight, scales=scales, table=table, sign_in=sign_in, had_in=had_in,
                    sign_out=sign_out, had_out=had_out)
     return x.new_empty((*x.shape[:-1], m))
 

@@ -7,7 +7,8 @@ exact Viterbi search over the 2^L states (csrc/trellis.h). The stream starts wit
 The state values are the 2^L Gaussian quantiles ``Phi^-1((i + 1/2) / 2^L)`` placed in a pseudo-random order (the
 order of the multiplicative hash ``state * 2654435761 mod 2^32``), so the marginal is exactly Gaussian and
 neighbouring states are unrelated. Measured on N(0, 1) weights (2 bits, L = 12): MSE 0.070 per weight, against
-0.092 for E8P and 0.1175 for the best scalar quantizer. Decoding is one lookup in a 16 KB table per weight."""
+0.092 for E8P and 0.1175 for the best scalar quantizer. Decoding is one lookup in a 16 KB table per weight
+(``trellis_matmul`` on the CPU)."""
 
 from __future__ import annotations
 
@@ -200,7 +201,11 @@ class TrellisCodebook(Codebook):
 
     @classmethod
     def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
-        """The dequantized weight's matmul (no fused trellis kernel yet)."""
+        """The fused op on the CPU when no gradient is needed (a row block of 16 decoded at a time, the RHT inside);
+        else (CUDA: no trellis kernel yet) the dequantized weight's matmul."""
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            return ops.trellis_matmul(x, layer.qweight, layer.scales, trellis_table(layer.layout["L"]),
+                                      layer.layout["bits"], *(() if rht is None else rht.fused_args(x.device)))
         codes, grid = cls.unpack(layer)
         W_hat = grid.decode(codes).to(x.dtype)
         return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
