@@ -178,8 +178,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _quantizer_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantizer", choices=sorted(CODEBOOKS), default="int",
-                        help="codebook: int (scalar grid, 2/3/4/8 bits) or e8p (E8 lattice, 8 weights per code; 3 "
-                             "and 4 bits add a residual stage) (default: %(default)s)")
+                        help="codebook: int (scalar grid, 2/3/4/8 bits), e8p (E8 lattice, 8 weights per code; 3 and 4 "
+                             "bits add a residual stage) or trellis (bitshift trellis codes over 16 x 16 units, "
+                             "1-4 bits; slowest to encode, least error) (default: %(default)s)")
 
 
 def _rounding_arguments(parser: argparse.ArgumentParser) -> None:

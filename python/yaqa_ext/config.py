@@ -23,7 +23,9 @@ class QuantConfig:
     ``"ldlq"`` (one-sided with H_in, = GPTQ), ``"rtn"`` (round to nearest, no data) or ``"datafree"`` (no
     data: proxy factors from partner layers' weights, see :mod:`yaqa_ext.datafree`; ``datafree_transform``
     adds the input-column scaling search for layers without a partner). bits: 2, 3, 4 or 8. quantizer: the codebook, a name in
-    :data:`yaqa_ext.codebooks.CODEBOOKS` (``"int"``: the scalar INT grid, :class:`yaqa_ext.IntCodebook`).
+    :data:`yaqa_ext.codebooks.CODEBOOKS` (``"int"``: the scalar INT grid, :class:`yaqa_ext.IntCodebook`; ``"e8p"``:
+    the E8P lattice, 2-4 bits, :class:`yaqa_ext.codebooks.E8PCodebook`; ``"trellis"``: bitshift trellis codes, 1-4
+    bits, :class:`yaqa_ext.codebooks.TrellisCodebook`).
     scale: ``"channel"`` (one scale per output row) or ``"tensor"``; group_size: None, or the number of
     input columns per scale (GPTQ-style groups, overrides ``scale``). Scales are searched for the
     least rounding error (see :class:`IntCodebook`). rht: random Hadamard transform of weights and factors. sigma_reg:
