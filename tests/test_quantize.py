@@ -321,8 +321,9 @@ def test_bad_configurations(stories, stories_factors, tmp_path):
         QuantConfig(bits=5)
     with pytest.raises(ValueError, match="method must be one of"):
         QuantConfig(method="gptq")
-    with pytest.raises(ValueError, match=r"quantizer must be a registered codebook, one of \['int'\], got 'e8p'"):
-        QuantConfig(quantizer="e8p")
+    with pytest.raises(ValueError,
+                       match=r"quantizer must be a registered codebook, one of \['e8p', 'int', 'trellis'\], got 'lattice'"):
+        QuantConfig(quantizer="lattice")
     with pytest.raises(ValueError, match="group_size 128 does not divide the 64 input columns"):
         quantize(copy.deepcopy(model), QuantConfig(method="rtn", group_size=128, rht=False), progress=False)
     with pytest.raises(ValueError, match="needs Hessian factors"):
