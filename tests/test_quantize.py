@@ -415,8 +415,11 @@ def test_saved_format_versions(tmp_path):
     with pytest.raises(ValueError, match="codebook 'int': the saved layer has format version 99; this yaqa_ext reads "
                                          "version 1"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    _edit_modules(tmp_path, lambda spec: {**spec, "codebook": "lattice", "format_version": 1})
+    with pytest.raises(ValueError, match=r"unknown codebook 'lattice': the registered ones are \['e8p', 'int', 'trellis'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
     _edit_modules(tmp_path, lambda spec: {**spec, "codebook": "e8p", "format_version": 1})
-    with pytest.raises(ValueError, match=r"unknown codebook 'e8p': the registered ones are \['int'\]"):
+    with pytest.raises(ValueError, match="codebook 'e8p' cannot store a layer of layout .*quantize the model again"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

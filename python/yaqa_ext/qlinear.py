@@ -73,7 +73,11 @@ class QuantizedLinear(nn.Module):
             layout = book.upgrade_layout(dict(layout), format_version)
         self.in_features, self.out_features, self.rht_seed = in_features, out_features, rht_seed
         self.codebook, self.layout = codebook, dict(layout)
-        book.create_weights(self, in_features, out_features, **self.layout)
+        try:
+            book.create_weights(self, in_features, out_features, **self.layout)
+        except TypeError as e:  # a layout of another codebook (an edited or mixed-up config.json)
+            raise ValueError(f"codebook {codebook!r} cannot store a layer of layout {self.layout} ({e}); the saved "
+                             "config does not match the codebook: quantize the model again") from e
         if rht:
             self.register_buffer("sign_in", torch.zeros(1, (in_features + 7) // 8, dtype=torch.uint8))
             self.register_buffer("sign_out", torch.zeros(1, (out_features + 7) // 8, dtype=torch.uint8))
