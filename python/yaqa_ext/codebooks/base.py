@@ -5,13 +5,32 @@ quantized layer stores them (create_weights, pack, unpack: a layout with a forma
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..hadamard import RHT
 
-__all__ = ["CODEBOOKS", "Codebook", "Grid", "get_codebook", "register_codebook"]
+__all__ = ["CODEBOOKS", "Codebook", "Grid", "get_codebook", "golden_section", "register_codebook"]
+
+
+def golden_section(f: Callable[[float], float], lo: float, hi: float, iterations: int) -> float:
+    """The minimiser of a unimodal ``f`` on [lo, hi] by golden-section search (the interval shrinks by 0.618 per
+    iteration): the codebooks' Gaussian-optimal scales."""
+    ratio = (5**0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(iterations):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+    return (lo + hi) / 2
 
 
 class Grid(ABC):

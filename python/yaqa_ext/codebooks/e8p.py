@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._C import WITH_CUDA
 from ..hadamard import RHT
-from .base import Codebook, Grid, register_codebook
+from .base import Codebook, Grid, golden_section, register_codebook
 
 __all__ = ["E8PCodebook", "E8PGrid", "e8p_abs_grid", "e8p_gaussian_scales"]
 
@@ -125,27 +125,12 @@ def e8p_gaussian_scales(bits: int) -> tuple[float, ...]:
         grid = E8PGrid(torch.tensor([scales] * x.size(0)), b)
         return x - grid.decode(grid.encode(x))
 
-    def golden(err, lo: float, hi: float) -> float:
-        ratio = (5**0.5 - 1) / 2
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        fa, fb = err(a), err(b)
-        for _ in range(30):
-            if fa < fb:
-                hi, b, fb = b, a, fa
-                a = hi - ratio * (hi - lo)
-                fa = err(a)
-            else:
-                lo, a, fa = a, b, fb
-                b = lo + ratio * (hi - lo)
-                fb = err(b)
-        return (lo + hi) / 2
-
-    first = golden(lambda s: float(residual((s,), 2).square().mean()), 0.2, 3.0)
+    first = golden_section(lambda s: float(residual((s,), 2).square().mean()), 0.2, 3.0, 30)
     if bits == 2:
         return (first,)
     if bits == 3:  # the least-squares scale of a sign code: E|r|
         return first, float(residual((first,), 2).abs().mean())
-    return first, golden(lambda s: float(residual((first, s), 4).square().mean()), 0.01, 1.0)
+    return first, golden_section(lambda s: float(residual((first, s), 4).square().mean()), 0.01, 1.0, 30)
 
 
 @register_codebook

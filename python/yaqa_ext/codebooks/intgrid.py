@@ -15,7 +15,7 @@ from .. import ops
 from .._C import WITH_CUDA
 from ..bitpack import pack_codes, unpack_codes
 from ..hadamard import RHT
-from .base import Codebook, Grid, register_codebook
+from .base import Codebook, Grid, golden_section, register_codebook
 
 __all__ = ["IntCodebook", "IntGrid", "gaussian_optimal_step"]
 
@@ -74,20 +74,7 @@ def gaussian_optimal_step(bits: int) -> float:
         q = (torch.floor(x / step) + 0.5).clamp(-levels / 2 + 0.5, levels / 2 - 0.5) * step
         return float(torch.trapezoid((x - q) ** 2 * pdf, x))
 
-    lo, hi = 1e-3, 3.0  # golden-section search; the MSE is unimodal in the step
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = mse(a), mse(b)
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = mse(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = mse(b)
-    return (lo + hi) / 2
+    return golden_section(mse, 1e-3, 3.0, 60)  # the MSE is unimodal in the step
 
 
 def _fp16_scale(s: Tensor) -> Tensor:

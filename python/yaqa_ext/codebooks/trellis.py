@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..bitpack import pack_codes, unpack_codes
 from ..hadamard import RHT
-from .base import Codebook, Grid, register_codebook
+from .base import Codebook, Grid, golden_section, register_codebook
 
 __all__ = ["TrellisCodebook", "TrellisGrid", "trellis_table"]
 
@@ -107,20 +107,7 @@ def trellis_gaussian_scale(bits: int, L: int) -> float:
         grid = TrellisGrid(torch.full((64, 1), s), bits, L)
         return float((grid.decode(grid.encode(x)) - x).square().mean())
 
-    lo, hi = 0.5, 1.5
-    ratio = (5**0.5 - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = err(a), err(b)
-    for _ in range(16):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = err(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = err(b)
-    return (lo + hi) / 2
+    return golden_section(err, 0.5, 1.5, 16)
 
 
 @register_codebook
