@@ -8,11 +8,29 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..hadamard import RHT
 
-__all__ = ["CODEBOOKS", "Codebook", "Grid", "get_codebook", "golden_section", "register_codebook"]
+__all__ = ["CODEBOOKS", "Codebook", "Grid", "fp16_scale", "get_codebook", "golden_section", "register_codebook",
+           "rms_scale"]
+
+
+def fp16_scale(s: Tensor) -> Tensor:
+    """fp16-exact scales (as stored); a zero one becomes the smallest normal fp16 value (levels ~1e-5 from 0)."""
+    return s.clamp(2**-14, 65504.0).half().float()
+
+
+def rms_scale(W: Tensor, granularity: str, factors: Tensor | float, codebook: str) -> Tensor:
+    """Per row (``"channel"``) or for the whole matrix (``"tensor"``), the RMS of the finite weight W times
+    ``factors`` (one per stage), as fp16 values: (m, stages)."""
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"{codebook}: W has NaN or infinite entries; a codebook cannot represent them (check the "
+                         "checkpoint, or skip the layer with QuantConfig(skip=...))")
+    Wf = W.detach().float()
+    rms = (Wf.square().mean() if granularity == "tensor" else Wf.square().mean(1)).sqrt()
+    return fp16_scale(rms.expand(W.size(0)).unsqueeze(1) * torch.as_tensor(factors, device=W.device)).contiguous()
 
 
 def golden_section(f: Callable[[float], float], lo: float, hi: float, iterations: int) -> float:
@@ -108,6 +126,13 @@ class Codebook(ABC):
     def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
         """The product in the layer's original basis from the stored codes (x: (..., in_features)): ``x W_hat^T``,
         or with an RHT ``rht.output_inverse(rht.input_transform(x) W_hat^T)`` (a kernel may fuse the transforms)."""
+
+    @classmethod
+    def dequantized_matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
+        """``matmul`` through the whole decoded weight (for backends without a kernel, and for gradients)."""
+        codes, grid = cls.unpack(layer)
+        W_hat = grid.decode(codes).to(x.dtype)
+        return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
 
     @classmethod
     def process_weights_after_loading(cls, layer: nn.Module) -> None:

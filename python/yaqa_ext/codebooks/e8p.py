@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._C import WITH_CUDA
 from ..hadamard import RHT
-from .base import Codebook, Grid, golden_section, register_codebook
+from .base import Codebook, Grid, fp16_scale, golden_section, register_codebook, rms_scale
 
 __all__ = ["E8PCodebook", "E8PGrid", "e8p_abs_grid", "e8p_gaussian_scales"]
 
@@ -76,10 +76,6 @@ def _stages(bits: int) -> int:
     return 1 if bits == 2 else 2
 
 
-def _fp16_scale(s: Tensor) -> Tensor:
-    """fp16-exact scales (as stored), at least the smallest normal fp16 value."""
-    return s.clamp(2**-14, 65504.0).half().float()
-
 
 @dataclass(frozen=True)
 class E8PGrid(Grid):
@@ -105,7 +101,7 @@ class E8PGrid(Grid):
         return ops.ldlq_round_e8p(W, L_in, L_out, self.scales, e8p_abs_grid(W.device), self.bits, td_x, td_y)
 
     def scaled(self, factor: float) -> E8PGrid:
-        return replace(self, scales=_fp16_scale(self.scales * factor))
+        return replace(self, scales=fp16_scale(self.scales * factor))
 
     def stored(self) -> Tensor:
         """The scales as stored: one row when every row is the same."""
@@ -168,14 +164,7 @@ class E8PCodebook(Codebook):
         if W.dim() != 2 or W.size(1) % 8:
             raise ValueError(f"E8PCodebook codes 8 input columns jointly: W must be 2-D with a multiple of 8 columns, "
                              f"got shape {tuple(W.shape)} (skip the layer with QuantConfig(skip=...) or use 'int')")
-        if not bool(torch.isfinite(W).all()):
-            raise ValueError("E8PCodebook: W has NaN or infinite entries; a codebook cannot represent them (check the "
-                             "checkpoint, or skip the layer with QuantConfig(skip=...))")
-        Wf = W.detach().float()
-        rms = Wf.square().mean() if self.granularity == "tensor" else Wf.square().mean(1)
-        rms = rms.sqrt().expand(W.size(0)).unsqueeze(1)
-        constants = torch.tensor(e8p_gaussian_scales(self.bits), device=W.device)
-        return E8PGrid(_fp16_scale(rms * constants).contiguous(), self.bits)
+        return E8PGrid(rms_scale(W, self.granularity, e8p_gaussian_scales(self.bits), "E8PCodebook"), self.bits)
 
     # Storage: qweight ((m, n / 8 * bits) uint8: each unit's code in `bits` little-endian bytes), scales ((1 or m,
     # stages) fp16).
@@ -225,6 +214,4 @@ class E8PCodebook(Codebook):
         if kernel and not (torch.is_grad_enabled() and x.requires_grad):
             return ops.e8p_matmul(x, layer.qweight, layer.scales, e8p_abs_grid(x.device), layer.layout["bits"],
                                   *(() if rht is None else rht.fused_args(x.device)))
-        codes, grid = cls.unpack(layer)
-        W_hat = grid.decode(codes).to(x.dtype)
-        return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
+        return cls.dequantized_matmul(layer, x, rht)

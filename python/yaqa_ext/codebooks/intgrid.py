@@ -15,7 +15,7 @@ from .. import ops
 from .._C import WITH_CUDA
 from ..bitpack import pack_codes, unpack_codes
 from ..hadamard import RHT
-from .base import Codebook, Grid, golden_section, register_codebook
+from .base import Codebook, Grid, fp16_scale, golden_section, register_codebook
 
 __all__ = ["IntCodebook", "IntGrid", "gaussian_optimal_step"]
 
@@ -51,7 +51,7 @@ class IntGrid(Grid):
 
     def scaled(self, factor: float) -> IntGrid:
         """Scales times ``factor``, rounded to fp16 as stored; zero points unchanged."""
-        return replace(self, scales=_fp16_scale(self.scales * factor))
+        return replace(self, scales=fp16_scale(self.scales * factor))
 
     def stored(self) -> tuple[Tensor, Tensor]:
         """Scales and zeros as stored: one row when every row is the same."""
@@ -76,10 +76,6 @@ def gaussian_optimal_step(bits: int) -> float:
 
     return golden_section(mse, 1e-3, 3.0, 60)  # the MSE is unimodal in the step
 
-
-def _fp16_scale(s: Tensor) -> Tensor:
-    """fp16-exact scales (as stored); an all-zero block gets the smallest normal fp16 scale (levels ~1e-5 from 0)."""
-    return s.clamp(2**-14, 65504.0).half().float()
 
 
 @register_codebook
@@ -149,7 +145,7 @@ class IntCodebook(Codebook):
             lo, hi = blocks.amin(-1, keepdim=True).clamp(max=0), blocks.amax(-1, keepdim=True).clamp(min=0)
             s = (hi - lo) / top
             z = torch.where(s > 0, torch.round(-lo / s.clamp_min(1e-30)), torch.zeros_like(s)).clamp(0, top)
-        s = _fp16_scale(s)
+        s = fp16_scale(s)
         if self.search:
             s = self._search(blocks, s, z, top)
         shape = (m, n // gs)
@@ -161,7 +157,7 @@ class IntCodebook(Codebook):
         the least round-to-nearest error."""
         best, best_err = base, torch.full_like(base, float("inf"))
         for a in self.SEARCH_GRID.tolist():
-            s = _fp16_scale(base * a)
+            s = fp16_scale(base * a)
             err = (((blocks / s + z).round_().clamp_(0, top) - z) * s - blocks).square_().sum(-1, keepdim=True)
             better = err < best_err
             best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
@@ -217,9 +213,7 @@ class IntCodebook(Codebook):
         if kernel and not (torch.is_grad_enabled() and x.requires_grad):
             return ops.int_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.layout["bits"],
                                   layer.layout["group_size"], *(() if rht is None else rht.fused_args(x.device)))
-        codes, grid = cls.unpack(layer)
-        W_hat = grid.decode(codes).to(x.dtype)
-        return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
+        return cls.dequantized_matmul(layer, x, rht)
 
     @classmethod
     def upgrade_layout(cls, layout: dict[str, Any], version: int) -> dict[str, Any]:

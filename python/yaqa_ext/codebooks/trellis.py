@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..bitpack import pack_codes, unpack_codes
 from ..hadamard import RHT
-from .base import Codebook, Grid, golden_section, register_codebook
+from .base import Codebook, Grid, fp16_scale, golden_section, register_codebook, rms_scale
 
 __all__ = ["TrellisCodebook", "TrellisGrid", "trellis_table"]
 
@@ -44,10 +44,6 @@ def _table_cpu(L: int) -> Tensor:
 def trellis_table(L: int, device: torch.device | str = "cpu") -> Tensor:
     """The 2^L float32 state values on ``device``."""
     return _table_cpu(L).to(device)
-
-
-def _fp16_scale(s: Tensor) -> Tensor:
-    return s.clamp(2**-14, 65504.0).half().float()
 
 
 def start_symbols(L: int, bits: int) -> int:
@@ -91,7 +87,7 @@ class TrellisGrid(Grid):
         return W_hat.to(W.device), codes.to(W.device)
 
     def scaled(self, factor: float) -> TrellisGrid:
-        return replace(self, scales=_fp16_scale(self.scales * factor))
+        return replace(self, scales=fp16_scale(self.scales * factor))
 
     def layout(self) -> dict[str, Any]:
         return {"bits": self.bits, "L": self.L}
@@ -147,13 +143,8 @@ class TrellisCodebook(Codebook):
         if W.dim() != 2 or W.size(0) % UNIT or W.size(1) % UNIT:
             raise ValueError(f"TrellisCodebook codes 16 x 16 units: W must be 2-D with sizes that are multiples of 16, "
                              f"got shape {tuple(W.shape)} (skip the layer with QuantConfig(skip=...) or use 'int')")
-        if not bool(torch.isfinite(W).all()):
-            raise ValueError("TrellisCodebook: W has NaN or infinite entries; a codebook cannot represent them (check "
-                             "the checkpoint, or skip the layer with QuantConfig(skip=...))")
-        Wf = W.detach().float()
-        rms = (Wf.square().mean() if self.granularity == "tensor" else Wf.square().mean(1)).sqrt()
-        rms = rms.expand(W.size(0)).unsqueeze(1)
-        return TrellisGrid(_fp16_scale(rms * trellis_gaussian_scale(self.bits, self.L)).contiguous(), self.bits, self.L)
+        scales = rms_scale(W, self.granularity, trellis_gaussian_scale(self.bits, self.L), "TrellisCodebook")
+        return TrellisGrid(scales, self.bits, self.L)
 
     # Storage: qweight ((m / 16) (n / 16) units, ceil(symbols / 8) * bits) uint8: each unit's symbols as a bit stream;
     # scales (m, 1) fp16.
@@ -193,6 +184,4 @@ class TrellisCodebook(Codebook):
         if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
             return ops.trellis_matmul(x, layer.qweight, layer.scales, trellis_table(layer.layout["L"]),
                                       layer.layout["bits"], *(() if rht is None else rht.fused_args(x.device)))
-        codes, grid = cls.unpack(layer)
-        W_hat = grid.decode(codes).to(x.dtype)
-        return x @ W_hat.T if rht is None else rht.output_inverse(rht.input_transform(x) @ W_hat.T)
+        return cls.dequantized_matmul(layer, x, rht)
