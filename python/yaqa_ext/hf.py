@@ -1,8 +1,10 @@
-"""Hugging Face integration: the ``quantization_config`` of yaqa models and the ``HfQuantizer`` that lets
-``AutoModelForCausalLM.from_pretrained`` rebuild them (registered when ``yaqa_ext`` is imported)."""
+"""Hugging Face integration: the ``quantization_config`` of yaqa models, the ``HfQuantizer`` that lets
+``AutoModelForCausalLM.from_pretrained`` rebuild them, and the saved ``config.json`` form that transformers refuses
+to load without yaqa_ext (all registered when ``yaqa_ext`` is imported)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -23,7 +27,18 @@ from .config import QuantConfig
 from .fileio import atomic_save, atomic_write_text
 from .qlinear import QuantizedLinear
 
-__all__ = ["YaqaHfConfig", "YaqaHfQuantizer", "dequantize", "export_lora", "replace_module"]
+__all__ = ["YaqaHfConfig", "YaqaHfQuantizer", "YaqaSavedConfig", "dequantize", "export_lora", "mark_quantized",
+           "replace_module", "unmark_quantized"]
+
+SAVED_MODEL_TYPE = "yaqa_ext"
+LOADER_MODULE = "configuration_yaqa_ext"
+_LOADER_SOURCE = '''"""The loader of this yaqa_ext-quantized model: its layers need the yaqa_ext package (pip install yaqa_ext).
+
+transformers runs this file with trust_remote_code=True when yaqa_ext has not been imported; it imports yaqa_ext,
+whose config class reads config.json and whose quantizer rebuilds the quantized layers.
+"""
+from yaqa_ext.hf import YaqaSavedConfig  # noqa: F401
+'''
 
 
 class YaqaHfConfig(QuantizationConfigMixin):
@@ -41,6 +56,78 @@ class YaqaHfConfig(QuantizationConfigMixin):
     def quant_config(self) -> QuantConfig:
         """The plain config."""
         return QuantConfig.from_dict(self.to_dict())
+
+
+class YaqaSavedConfig(PretrainedConfig):
+    """The ``config.json`` of a saved yaqa model: ``model_type`` ``"yaqa_ext"``, which transformers does not know
+    unless yaqa_ext is imported, so a plain ``from_pretrained`` stops (asking for ``trust_remote_code``, which runs
+    the folder's loader, which imports yaqa_ext, or names yaqa_ext when it is not installed) instead of filling
+    the quantized layers with random weights. The architecture's own type is ``"yaqa_model_type"``; reading the
+    file gives that architecture's config."""
+
+    model_type = SAVED_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        arch = config_dict.get("yaqa_model_type")
+        if arch not in CONFIG_MAPPING:
+            raise ValueError(f"config.json: yaqa_model_type {arch!r} is not an architecture this transformers knows; "
+                             "install the transformers version the model was saved with (its transformers_version)")
+        auto_map = {k: v for k, v in config_dict.get("auto_map", {}).items() if k != "AutoConfig"}
+        plain = {k: v for k, v in config_dict.items() if k not in ("yaqa_model_type", "auto_map")}
+        out = CONFIG_MAPPING[arch].from_dict({**plain, "model_type": arch, **({"auto_map": auto_map} if auto_map else {})},
+                                             **kwargs)
+        mark_quantized(out[0] if isinstance(out, tuple) else out)
+        return out
+
+
+def _saved_form(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """An architecture's config dict as :class:`YaqaSavedConfig` writes it."""
+    auto_map = {**config_dict.get("auto_map", {}), "AutoConfig": f"{LOADER_MODULE}.{YaqaSavedConfig.__name__}"}
+    return {**config_dict, "model_type": SAVED_MODEL_TYPE, "yaqa_model_type": config_dict["model_type"],
+            "auto_map": auto_map}
+
+
+@functools.cache
+def _saving_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    """``base`` whose JSON form is :class:`YaqaSavedConfig`'s and whose ``save_pretrained`` also writes the loader
+    beside it; under ``base``'s own name, which transformers' auto mappings go by."""
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(_saved_form(json.loads(base.to_json_string(self, use_diff))), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(_LOADER_SOURCE, Path(save_directory) / f"{LOADER_MODULE}.py")
+        base.save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def __reduce_ex__(self, protocol: int):
+        return _saving_instance, (base, self.__dict__)
+
+    return type(base.__name__, (base,), {"__module__": base.__module__, "__qualname__": base.__qualname__,
+                                         "_yaqa_base": base, "to_json_string": to_json_string,
+                                         "save_pretrained": save_pretrained, "__reduce_ex__": __reduce_ex__})
+
+
+def _saving_instance(base: type[PretrainedConfig], state: dict[str, Any]) -> PretrainedConfig:
+    """The inverse of pickling a marked config (whose class is not importable by name)."""
+    config = base.__new__(_saving_class(base))
+    config.__dict__.update(state)
+    return config
+
+
+def mark_quantized(config: PretrainedConfig) -> None:
+    """Make ``config`` (a quantized model's, in place) save as :class:`YaqaSavedConfig`; it reads and behaves as
+    before, an instance of its own class."""
+    if getattr(type(config), "_yaqa_base", None) is None:
+        config.__class__ = _saving_class(type(config))
+
+
+def unmark_quantized(config: PretrainedConfig) -> None:
+    """Undo :func:`mark_quantized` (a dequantized model saves as its architecture)."""
+    base = getattr(type(config), "_yaqa_base", None)
+    if base is not None:
+        config.__class__ = base
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -67,6 +154,7 @@ def dequantize(model: nn.Module, lowrank: bool = True, dtype: torch.dtype | None
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
+        unmark_quantized(config)
     return model
 
 
@@ -132,6 +220,7 @@ class YaqaHfQuantizer(HfQuantizer):
                 "'datafree', without fine-tuning, low-rank terms 'svd' or 'auto')")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        mark_quantized(model.config)  # saved again it keeps the protected form (older folders gain it)
         if self.pre_quantized:
             for name, spec in self.quantization_config.modules.items():
                 replace_module(model, name, QuantizedLinear.from_spec(spec))
@@ -162,6 +251,8 @@ class YaqaHfQuantizer(HfQuantizer):
 
 
 # Registered once (a re-import must not trip transformers' "already registered" check).
+if SAVED_MODEL_TYPE not in CONFIG_MAPPING:
+    AutoConfig.register(SAVED_MODEL_TYPE, YaqaSavedConfig)
 if "yaqa" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
     register_quantization_config("yaqa")(YaqaHfConfig)
 if "yaqa" not in AUTO_QUANTIZER_MAPPING:

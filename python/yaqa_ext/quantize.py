@@ -24,7 +24,7 @@ from .finetune import BlockCheckpoint, finetune_end_to_end, quantize_blocks
 from .hessians import (TWO_SIDED_SKETCHES, HessianFactors, TargetModule, _fingerprint, _mix, collect_hessians,
                        decoder_layers, find_targets, load_hessians, weight_matrix)
 from .config import QuantConfig
-from .hf import YaqaHfConfig, replace_module
+from .hf import YaqaHfConfig, mark_quantized, replace_module
 from .ldl import block_ldl
 from .lowrank import INPUT_STAT_METHODS, lowrank_correction
 from .methods import LayerFactors, Method, get_method
@@ -354,7 +354,8 @@ def quantize(
     :class:`QuantizedLinear` in place of the layer. ``model.config.quantization_config`` is set to the
     Hugging Face form (:class:`yaqa_ext.hf.YaqaHfConfig`) of a copy of ``config`` recording each layer's spec
     (``config`` itself is not changed; ``report.config`` is that copy), so
-    ``model.save_pretrained`` writes a folder ``AutoModelForCausalLM.from_pretrained`` can load.
+    ``model.save_pretrained`` writes a folder ``AutoModelForCausalLM.from_pretrained`` can load (with yaqa_ext
+    imported, or with ``trust_remote_code=True``; without either it refuses, see :class:`yaqa_ext.hf.YaqaSavedConfig`).
     ``config.finetune_epochs > 0``: the layers are rounded block by block, each block fine-tuned after each group
     of layers on the activations of ``data`` (``n_seqs`` x ``seq_len`` tokens, ``batch_size`` a step; see
     :mod:`yaqa_ext.finetune`); the trained norms and linears are the model's own parameters, saved with it.
@@ -436,4 +437,5 @@ def quantize(
     config = replace(config, modules=modules)
     if hasattr(model, "config"):
         model.config.quantization_config = YaqaHfConfig.of(config)
+        mark_quantized(model.config)
     return QuantReport(config, reports, finetuned, e2e)
