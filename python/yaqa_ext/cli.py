@@ -278,7 +278,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .models import load_model
 
     orig, tokenizer = load_model(args.model, device=args.device)
-    quant, _ = load_model(args.quant, device=args.device)
+    quant, _ = load_model(args.quant, device=args.device, with_tokenizer=False)  # the original's tokenizer is used
     data = args.data if args.data is not None else corpus_texts("evaluation")
     # The dense twin computes the same function as the quantized layers (to fp32 rounding), faster.
     r = evaluate(orig, dequantize(quant), data, tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len)

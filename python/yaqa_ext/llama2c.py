@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["Llama2cHeader", "SentencePieceTokenizer", "find_llama2c_checkpoint", "load_llama2c"]
+__all__ = ["Llama2cHeader", "find_llama2c_checkpoint", "find_sentencepiece_model", "load_llama2c",
+           "sentencepiece_tokenizer"]
 
 _HEADER = struct.Struct("<7i")
 
@@ -146,33 +146,45 @@ def find_llama2c_checkpoint(path: str | os.PathLike) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-class SentencePieceTokenizer:
-    """A llama2.c model's SentencePiece tokenizer (``tok*.model``); BOS is prepended on encode."""
+def sentencepiece_tokenizer(model_file: str | os.PathLike):
+    """A llama2.c model's SentencePiece BPE tokenizer (``tok*.model``) as a transformers tokenizer that encodes
+    exactly as ``sentencepiece`` does (BOS prepended): its normaliser (runs of spaces collapsed and trimmed when
+    the model says so, a dummy prefix, spaces as U+2581), words split before each space, merges in piece-score order, byte fallback.
+    ``save_pretrained`` writes a ``tokenizer.json`` that ``AutoTokenizer`` loads with no sentencepiece."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import import_protobuf
+    from transformers.tokenization_utils_base import generate_merges
 
-    def __init__(self, model_file: str | os.PathLike) -> None:
-        import sentencepiece
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != 2 or norm.name != "identity" or norm.precompiled_charsmap:
+        raise ValueError(f"{model_file}: not a llama2.c tokenizer (a BPE SentencePiece model with the identity "
+                         f"normaliser); load its folder with AutoTokenizer instead")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = generate_merges(vocab, {p.piece: p.score for p in proto.pieces})
+    special = {i: p.piece for i, p in enumerate(proto.pieces) if p.type in (2, 3)}  # unknown, control
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=special[trainer.unk_id], fuse_unk=True,
+                               byte_fallback=trainer.byte_fallback))
+    steps = [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")] \
+        if norm.remove_extra_whitespaces else []
+    steps += [normalizers.Prepend("\u2581")] if norm.add_dummy_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    # Pieces start at each space (digit and script splits were the trainer's: no piece crosses them).
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=trainer.split_by_whitespace)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     *([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else [])])
+    bos = special[trainer.bos_id]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, trainer.bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=special[trainer.eos_id],
+                                   unk_token=special[trainer.unk_id], clean_up_tokenization_spaces=False)
 
-        self.model_file = Path(model_file)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        self.bos_token_id = self.sp.bos_id()
-        self.eos_token_id = self.sp.eos_id()
-        self.vocab_size = self.sp.vocab_size()
 
-    @classmethod
-    def from_dir(cls, folder: str | os.PathLike) -> SentencePieceTokenizer:
-        models = sorted(Path(folder).glob("*.model"))
-        if len(models) != 1:
-            raise FileNotFoundError(f"{folder}: expected one SentencePiece *.model file, found {len(models)}")
-        return cls(models[0])
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Copy the SentencePiece model into ``folder`` (where :func:`yaqa_ext.models.load_model` finds it)."""
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.model_file, Path(folder) / self.model_file.name)
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self.sp.encode(text)
-        return [self.bos_token_id, *ids] if bos else ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if i not in (self.bos_token_id, self.eos_token_id)])
+def find_sentencepiece_model(folder: str | os.PathLike) -> Path:
+    """The single SentencePiece ``*.model`` file of a llama2.c folder."""
+    models = sorted(Path(folder).glob("*.model"))
+    if len(models) != 1:
+        raise FileNotFoundError(f"{folder}: expected one SentencePiece *.model file, found {len(models)}")
+    return models[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_dir
-from .llama2c import SentencePieceTokenizer, find_llama2c_checkpoint, llama2c_problem, load_llama2c
+from .llama2c import find_llama2c_checkpoint, find_sentencepiece_model, llama2c_problem, load_llama2c, sentencepiece_tokenizer
 
 __all__ = ["DEFAULT_MODEL", "cache_dir", "find_gguf", "gguf_as_hf", "load_model", "shared_dir"]
 
@@ -117,27 +117,30 @@ def gguf_as_hf(gguf: str | os.PathLike) -> Path:
     return target
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               with_tokenizer: bool = True):
     """``(model, tokenizer)`` for a llama2.c folder/file, a GGUF file (or a folder holding one), a
     local HF folder, or a hub id.
 
     A bare name that matches a folder in ``<shared>/models`` is taken from there (``"stories260K"``,
     ``"smollm2-135m"``). GGUF weights are dequantized by transformers (needs the ``gguf`` package)
     into ``dtype``; that dequantized model is the original the quantized one is compared with.
+    A llama2.c SentencePiece model becomes a transformers tokenizer (:func:`yaqa_ext.llama2c.sentencepiece_tokenizer`);
+    ``with_tokenizer=False`` gives ``(model, None)`` (a folder saved without one).
     """
     source = _resolve(name_or_path)
     checkpoint = find_llama2c_checkpoint(source) if Path(source).exists() else None
     gguf = None if checkpoint is not None or not Path(source).exists() else find_gguf(source)
     if checkpoint is not None:
         model = load_llama2c(checkpoint, dtype=dtype)
-        tokenizer = SentencePieceTokenizer.from_dir(checkpoint.parent)
+        tokenizer = sentencepiece_tokenizer(find_sentencepiece_model(checkpoint.parent)) if with_tokenizer else None
     elif gguf is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = gguf_as_hf(gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         model.name_or_path = str(gguf)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
     else:
         from transformers import AutoModelForCausalLM
 
@@ -145,17 +148,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         if path.exists() and not (path.is_dir() and (path / "config.json").exists()):
             raise _not_a_model(path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-        tokenizer = _load_tokenizer(source)
+        tokenizer = _load_tokenizer(source) if with_tokenizer else None
     return model.to(device), tokenizer
 
 
 def _load_tokenizer(source: str):
-    """The folder's SentencePiece model when it has no Hugging Face tokenizer files, else AutoTokenizer."""
+    """The folder's llama2.c SentencePiece model when it has no Hugging Face tokenizer files, else AutoTokenizer."""
     folder = Path(source)
     if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         spm = sorted(folder.glob("*.model"))
         if len(spm) == 1:
-            return SentencePieceTokenizer(spm[0])
+            return sentencepiece_tokenizer(spm[0])
+        if not spm:
+            raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json, tokenizer_config.json or a SentencePiece "
+                                    "*.model): save one beside the model with tokenizer.save_pretrained(folder)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source)
