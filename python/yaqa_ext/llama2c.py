@@ -149,7 +149,8 @@ def find_llama2c_checkpoint(path: str | os.PathLike) -> Path | None:
 def sentencepiece_tokenizer(model_file: str | os.PathLike):
     """A llama2.c model's SentencePiece BPE tokenizer (``tok*.model``) as a transformers tokenizer that encodes
     exactly as ``sentencepiece`` does (BOS prepended): its normaliser (runs of spaces collapsed and trimmed when
-    the model says so, a dummy prefix, spaces as U+2581), words split before each space, merges in piece-score order, byte fallback.
+    the model says so, a dummy prefix, spaces as U+2581), words split before each space, merges in piece-score
+    order, byte fallback.
     ``save_pretrained`` writes a ``tokenizer.json`` that ``AutoTokenizer`` loads with no sentencepiece."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -183,8 +184,10 @@ def sentencepiece_tokenizer(model_file: str | os.PathLike):
 
 
 def find_sentencepiece_model(folder: str | os.PathLike) -> Path:
-    """The single SentencePiece ``*.model`` file of a llama2.c folder."""
+    """The single SentencePiece ``*.model`` file of a folder without Hugging Face tokenizer files."""
     models = sorted(Path(folder).glob("*.model"))
     if len(models) != 1:
-        raise FileNotFoundError(f"{folder}: expected one SentencePiece *.model file, found {len(models)}")
+        raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json, tokenizer_config.json or one SentencePiece "
+                                f"*.model; found {len(models)} *.model files): save one beside the model with "
+                                "tokenizer.save_pretrained(folder)")
     return models[0]

@@ -156,12 +156,7 @@ def _load_tokenizer(source: str):
     """The folder's llama2.c SentencePiece model when it has no Hugging Face tokenizer files, else AutoTokenizer."""
     folder = Path(source)
     if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        spm = sorted(folder.glob("*.model"))
-        if len(spm) == 1:
-            return sentencepiece_tokenizer(spm[0])
-        if not spm:
-            raise FileNotFoundError(f"{folder} has no tokenizer (tokenizer.json, tokenizer_config.json or a SentencePiece "
-                                    "*.model): save one beside the model with tokenizer.save_pretrained(folder)")
+        return sentencepiece_tokenizer(find_sentencepiece_model(folder))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source)
