@@ -181,7 +181,9 @@ def test_quantized_layer_with_lowrank_term(stories_setup, method, tmp_path):
     assert torch.equal(layer.qweight, base_layer.qweight)
     x = torch.randn(3, 172)
     expected = x.double() @ (base_layer.weight_matrix().double() + layer.lowrank_A.double() @ layer.lowrank_B.double()).T
-    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    # fp32 Hadamard transforms, fp32 matmul and the fp32 rank-8 term, each rounded in its own order: CI's CPU
+    # reached 3.3e-5 on outputs of size ~1; a wrong term or transform is off by O(1)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4)
     assert layer.bits_per_weight() == pytest.approx(base_layer.bits_per_weight() + 16 * 8 * (64 + 172) / (64 * 172))
     kl_base = evaluate(model, base, evaluation, n_seqs=8, seq_len=128).kl
     kl_corrected = evaluate(model, corrected, evaluation, n_seqs=8, seq_len=128).kl

@@ -5,6 +5,7 @@ file on first use, then seconds per load)."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -49,25 +50,27 @@ def test_gguf_file_folder_and_name_load_the_same_weights(smollm2, shared):
 
 def test_pipeline_on_two_layers(smollm2, tmp_path):
     """Sketch B on decoder layers 0 and 1 (32 x 128 tokens), YAQA at 4 bits on those layers only, evaluated
-    against the original: every targeted linear is quantized, the others untouched, and the KL is clearly
-    below that of round-to-nearest on the same layers (the independent baseline)."""
+    against the original: every targeted linear is quantized, the others untouched, and the KL, averaged over
+    three RHT seeds, is clearly below that of round-to-nearest on the same layers (the independent baseline)."""
     model, tok = smollm2
     calib = prepare_tokens(corpus_texts("calibration"), tok, 32, 128)
     collect_hessians(model, calib, tmp_path / "h", sketch="B", n_seqs=32, seq_len=128, batch_size=8, layers=[0, 1],
                      progress=False)
     skip = [r"layers\.([2-9]|[12][0-9])\."]
     evaluation = prepare_tokens(corpus_texts("evaluation"), tok, 16, 256)
-    kl = {}
-    for method in ("rtn", "yaqa"):
+    kl = {"rtn": [], "yaqa": []}
+    for method, seed in itertools.product(kl, range(3)):
         q = copy.deepcopy(model)
-        report = quantize(q, QuantConfig(method=method, bits=4, skip=skip), hessians=tmp_path / "h", progress=False)
+        report = quantize(q, QuantConfig(method=method, bits=4, skip=skip, seed=seed), hessians=tmp_path / "h",
+                          progress=False)
         assert len(report.layers) == 14 and 4 < report.bits_per_weight < 4.2
         assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 14
         result = evaluate(model, dequantize(q), evaluation, n_seqs=16, seq_len=256, batch_size=8)
         assert abs(result.ppl_quant / result.ppl_orig - 1) < 0.05, result
-        kl[method] = result.kl
+        kl[method].append(result.kl)
     for r in report.layers:  # two-sided rounding keeps the layer's proxy error well below the weights' own
         assert 0 < r.proxy_two_sided < 0.05, r
-    # Measured (2026-12-03, CPU): KL 0.0125 (yaqa) against 0.0194 (rtn). With 4 sequences Sketch B is too noisy
-    # to beat round to nearest (0.057 against 0.029): the factors need data (issue 11).
-    assert 0 < kl["yaqa"] < 0.8 * kl["rtn"], kl
+    # Measured (2026-12-04, CPU), seeds 0, 1, 2: KL 0.0160 / 0.0133 / 0.0147 (yaqa) against 0.0194 / 0.0240 /
+    # 0.0261 (rtn). One seed is not enough: roundings of equal proxy differ in KL by ~20% (seed 0 alone gives
+    # 0.82x). With 4 sequences Sketch B is too noisy to beat round to nearest: the factors need data (issue 11).
+    assert 0 < sum(kl["yaqa"]) < 0.8 * sum(kl["rtn"]), kl
