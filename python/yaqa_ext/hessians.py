@@ -19,11 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import ops
 from .data import prepare_tokens
 from .fileio import atomic_save, atomic_write_text
+from .progress import progress_bar
 from .shrinkage import shrink, shrinkage_weight, token_parts
 
 __all__ = [
@@ -580,9 +581,8 @@ def collect_hessians(
         counters, saved = _read_checkpoint(state_path, fingerprint, limits, device)
         group_index, round_index, next_batch = counters["group"], counters["round"], counters["next_batch"]
     per_group = len(plan) * len(batches)
-    bar = tqdm(total=len(groups) * per_group, initial=group_index * per_group + round_index * len(batches) + next_batch,
-               desc=f"collect sketch {sketch}", unit="batch",
-               disable=True if not progress or rank != 0 else None)  # None: off when not a terminal
+    bar = progress_bar(len(groups) * per_group, f"collect sketch {sketch}", "batch", enabled=progress and rank == 0,
+                       initial=group_index * per_group + round_index * len(batches) + next_batch)
     job = _Job(model, tokens, batches, plan, seed, seq_len, world, checkpoint_interval, gradient_checkpointing, bar)
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .codebooks import Codebook, Grid
 from .hadamard import RHT
@@ -28,6 +28,7 @@ from .hf import YaqaHfConfig, mark_quantized, replace_module
 from .ldl import block_ldl
 from .lowrank import INPUT_STAT_METHODS, lowrank_correction
 from .methods import LayerFactors, Method, get_method
+from .progress import progress_bar
 from .qlinear import QuantizedLinear, effective_weight
 from .rounding import Rounded, ldlq_round, proxy_loss, round_to_nearest
 
@@ -404,8 +405,7 @@ def quantize(
         layer_factors = method.layer_factors(model, targets, factors)
         quantizer = config.make_quantizer()
         reports, modules, finetuned, e2e = [], {}, [], None
-        bar = tqdm(total=len(targets), desc=f"quantize {config.summary()}", unit="layer",
-                   disable=True if not progress else None)
+        bar = progress_bar(len(targets), f"quantize {config.summary()}", "layer", enabled=progress)
 
         def quantize_group(group: list[TargetModule]) -> None:
             for t in group:
