@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from yaqa_ext.cli import main
+from yaqa_ext.config import ungroup_specs
 
 
 def test_no_command_prints_help(capsys):
@@ -93,8 +94,9 @@ def test_quantize_with_the_e8p_codebook(shared, tmp_path):
         main(args)
     assert main([*args, "--skip", "down_proj"]) == 0
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["quantizer"] == "e8p" and {s["codebook"] for s in config["modules"].values()} == {"e8p"}
-    assert len(config["modules"]) == 5 * 6  # 5 blocks, every linear but down_proj
+    specs = ungroup_specs(config["modules"])
+    assert config["quantizer"] == "e8p" and {s["codebook"] for s in specs.values()} == {"e8p"}
+    assert len(specs) == 5 * 6  # 5 blocks, every linear but down_proj
     assert main(["eval", "--quant", str(out), "--n-seqs", "2", "--seq-len", "32", "--device", "cpu"]) == 0
 
 

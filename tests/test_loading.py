@@ -122,6 +122,34 @@ def test_a_folder_saved_before_the_protection_loads_and_resaves_protected(saved,
     assert (tmp_path / "new" / "configuration_yaqa_ext.py").exists()
 
 
+def test_config_json_groups_the_layer_specs_and_per_module_specs_still_load(saved, tmp_path):
+    """config.json holds one spec per distinct layer shape plus each module's RHT seed, not one spec per
+    module; a folder written with one spec per module (before the grouping) loads the same."""
+    model, folder = saved
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["modules"]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    # an independent count: the distinct (in, out) shapes of the quantized linears
+    assert len(groups) == len({(m.in_features, m.out_features) for m in layers.values()})
+    assert {n: seed for g in groups for n, seed in g["rht_seeds"].items()} == {n: m.rht_seed for n, m in layers.items()}
+    for g in groups:
+        for name in g["rht_seeds"]:
+            assert {**g["spec"], "rht_seed": layers[name].rht_seed} == layers[name].spec()
+    for f in folder.iterdir():
+        (tmp_path / "per-module").mkdir(exist_ok=True)
+        (tmp_path / "per-module" / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["modules"] = {n: m.spec() for n, m in layers.items()}
+    (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
+    tokens = torch.arange(12).reshape(1, 12) % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    config["quantization_config"]["modules"] = [{"spec": {}}]  # damaged: no seeds
+    (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rht_seeds"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
+
+
 def test_marked_config_pickles_copies_and_dequantizes_to_the_plain_class(saved):
     model, _ = saved
     plain_class = type(tiny_model("llama").config)

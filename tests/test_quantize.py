@@ -15,6 +15,7 @@ import yaqa_ext  # noqa: F401  (registers the "yaqa" quantization method with tr
 from yaqa_ext import IntCodebook, QuantConfig, QuantizedLinear, RHT, evaluate, quantize, round_to_nearest
 from yaqa_ext.hessians import collect_hessians, find_targets
 from yaqa_ext.bitpack import pack_codes, unpack_codes
+from yaqa_ext.config import ungroup_specs
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -364,9 +365,7 @@ def test_tampered_folder_refuses_to_load(tmp_path, tamper):
     model.save_pretrained(tmp_path)
     name = "model.layers.1.mlp.down_proj"
     if tamper == "bits":
-        config = json.loads((tmp_path / "config.json").read_text())
-        config["quantization_config"]["modules"][name]["layout"]["bits"] = 3
-        (tmp_path / "config.json").write_text(json.dumps(config))
+        _edit_modules(tmp_path, lambda spec: spec, {name: lambda spec: {**spec, "layout": {**spec["layout"], "bits": 3}}})
     else:
         tensors = load_file(tmp_path / "model.safetensors")
         if tamper == "nan_scale":
@@ -381,9 +380,13 @@ def test_tampered_folder_refuses_to_load(tmp_path, tamper):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def _edit_modules(folder, edit) -> None:
+def _edit_modules(folder, edit, per_module=None) -> None:
+    """Rewrite the saved layer specs, ``edit`` applied to each (``per_module``: name -> edit, for those only), in
+    the per-module form of folders saved before the specs were grouped (both load)."""
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["modules"] = {k: edit(v) for k, v in config["quantization_config"]["modules"].items()}
+    saved = config["quantization_config"]["modules"]
+    specs = saved if isinstance(saved, dict) else ungroup_specs(saved)
+    config["quantization_config"]["modules"] = {k: (per_module or {}).get(k, edit)(v) for k, v in specs.items()}
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -492,7 +495,7 @@ def test_a_registered_method_drives_quantize_pipeline_and_cli(stories, stories_f
 
 def test_config_is_plain_and_its_hugging_face_form_round_trips(stories, tmp_path):
     """QuantConfig is a plain dataclass; the model carries its Hugging Face form (quant_method 'yaqa' plus the
-    same fields), which config.json holds and from_pretrained reads back to an equal QuantConfig."""
+    same fields, the layer specs grouped), which config.json holds and from_pretrained reads back to an equal QuantConfig."""
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from yaqa_ext.hf import YaqaHfConfig
@@ -505,7 +508,9 @@ def test_config_is_plain_and_its_hugging_face_form_round_trips(stories, tmp_path
     assert isinstance(hf, YaqaHfConfig) and hf.quant_method == "yaqa" and hf.quant_config() == report.config
     q.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved == {"quant_method": "yaqa", **json.loads(json.dumps(report.config.to_dict()))}
+    fields = json.loads(json.dumps(report.config.to_dict()))
+    assert ungroup_specs(saved.pop("modules")) == fields.pop("modules")  # the layer specs grouped by shape
+    assert saved == {"quant_method": "yaqa", **fields}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.quantization_config.quant_config() == report.config
     with pytest.raises(ValueError, match="method must be one of"):

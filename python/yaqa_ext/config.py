@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -102,8 +103,12 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> QuantConfig:
-        """The config of a dict of its fields; other keys (``quant_method`` of a saved config) are ignored."""
-        return cls(**{k: v for k, v in config_dict.items() if k in cls.__dataclass_fields__})
+        """The config of a dict of its fields, ``modules`` either per module or grouped (:func:`group_specs`);
+        other keys (``quant_method`` of a saved config) are ignored."""
+        fields = {k: v for k, v in config_dict.items() if k in cls.__dataclass_fields__}
+        if isinstance(fields.get("modules"), list):
+            fields["modules"] = ungroup_specs(fields["modules"])
+        return cls(**fields)
 
     def summary(self) -> str:
         scale = f"group {self.group_size}" if self.group_size else f"{self.scale} scale"
@@ -111,3 +116,23 @@ class QuantConfig:
         finetune = f", fine-tuned {self.finetune_epochs} epochs" if self.finetune_epochs else ""
         finetune += f", end-to-end KL {self.finetune_e2e_epochs} epochs" if self.finetune_e2e_epochs else ""
         return f"{self.method} {self.bits}-bit {self.quantizer}, {scale}{', RHT' if self.rht else ''}{lowrank}{finetune}"
+
+
+def group_specs(modules: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-module layer specs as groups of one shared spec and each member's ``rht_seed`` (the one field every
+    layer draws for itself): a few groups per architecture instead of one spec per module in config.json."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, spec in modules.items():
+        shared = {k: v for k, v in spec.items() if k != "rht_seed"}
+        group = groups.setdefault(json.dumps(shared, sort_keys=True), {"spec": shared, "rht_seeds": {}})
+        group["rht_seeds"][name] = spec.get("rht_seed", 0)
+    return list(groups.values())
+
+
+def ungroup_specs(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The per-module specs of :func:`group_specs`' groups."""
+    try:
+        return {name: {**g["spec"], "rht_seed": seed} for g in groups for name, seed in g["rht_seeds"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError("quantization_config.modules: each group needs a 'spec' object and an 'rht_seeds' object "
+                         f"(module name: seed); the saved config is damaged ({e!r}): quantize again") from None

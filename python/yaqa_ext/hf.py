@@ -23,7 +23,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .config import QuantConfig
+from .config import QuantConfig, group_specs
 from .fileio import atomic_save, atomic_write_text
 from .qlinear import QuantizedLinear
 
@@ -56,6 +56,11 @@ class YaqaHfConfig(QuantizationConfigMixin):
     def quant_config(self) -> QuantConfig:
         """The plain config."""
         return QuantConfig.from_dict(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """What config.json holds: the fields, with the layer specs grouped (:func:`group_specs`)."""
+        fields = super().to_dict()
+        return {**fields, "modules": group_specs(fields["modules"])}
 
 
 class YaqaSavedConfig(PretrainedConfig):
