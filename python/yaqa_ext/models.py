@@ -109,9 +109,11 @@ def gguf_as_hf(gguf: str | os.PathLike) -> Path:
         return target
     with atomic_dir(target) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are already dequantized; drop the GGUF loader's marks so they save as a plain model.
+        # The weights are already dequantized; drop the GGUF loader's marks (transformers 5.0 sets none)
+        # so they save as a plain model.
         model.hf_quantizer = None
-        del model.config.quantization_config
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     return target
