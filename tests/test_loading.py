@@ -138,6 +138,7 @@ def test_config_json_groups_the_layer_specs_and_per_module_specs_still_load(save
         (tmp_path / "per-module").mkdir(exist_ok=True)
         (tmp_path / "per-module" / f.name).write_bytes(f.read_bytes())
     config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"].pop("format_version") == 2  # older folders: no version, per-module specs
     config["quantization_config"]["modules"] = {n: m.spec() for n, m in layers.items()}
     (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
@@ -147,6 +148,10 @@ def test_config_json_groups_the_layer_specs_and_per_module_specs_still_load(save
     config["quantization_config"]["modules"] = [{"spec": {}}]  # damaged: no seeds
     (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rht_seeds"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
+    config["quantization_config"]["format_version"] = 3  # from a newer yaqa_ext
+    (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"format_version 3; this yaqa_ext reads versions 1 to 2: upgrade yaqa_ext"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
 
 

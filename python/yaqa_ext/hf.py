@@ -31,6 +31,9 @@ __all__ = ["YaqaHfConfig", "YaqaHfQuantizer", "YaqaSavedConfig", "dequantize", "
            "replace_module", "unmark_quantized"]
 
 SAVED_MODEL_TYPE = "yaqa_ext"
+CONFIG_FORMAT_VERSION = 2
+"""quantization_config's layout: 1 (or no format_version) one spec per module, 2 the specs grouped. Each spec
+carries its codebook's own format_version."""
 LOADER_MODULE = "configuration_yaqa_ext"
 _LOADER_SOURCE = '''"""The loader of this yaqa_ext-quantized model: its layers need the yaqa_ext package (pip install yaqa_ext).
 
@@ -46,6 +49,10 @@ class YaqaHfConfig(QuantizationConfigMixin):
     ``config.json`` holds and ``from_pretrained`` reads back (validated through QuantConfig)."""
 
     def __init__(self, **fields: Any) -> None:
+        version = fields.get("format_version", 1)
+        if not isinstance(version, int) or not 1 <= version <= CONFIG_FORMAT_VERSION:
+            raise ValueError(f"quantization_config has format_version {version!r}; this yaqa_ext reads versions 1 to "
+                             f"{CONFIG_FORMAT_VERSION}: upgrade yaqa_ext (pip install -U yaqa_ext) to load it")
         self.quant_method = "yaqa"
         self.__dict__.update(QuantConfig.from_dict(fields).to_dict())
 
@@ -58,9 +65,10 @@ class YaqaHfConfig(QuantizationConfigMixin):
         return QuantConfig.from_dict(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        """What config.json holds: the fields, with the layer specs grouped (:func:`group_specs`)."""
+        """What config.json holds: the fields, with the layer specs grouped (:func:`group_specs`), and the
+        format version of that layout."""
         fields = super().to_dict()
-        return {**fields, "modules": group_specs(fields["modules"])}
+        return {**fields, "format_version": CONFIG_FORMAT_VERSION, "modules": group_specs(fields["modules"])}
 
 
 class YaqaSavedConfig(PretrainedConfig):
