@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import benchmark_parser, device_name, median_seconds  # noqa: E402
 
 from yaqa_ext.data import corpus_texts, prepare_tokens  # noqa: E402
-from yaqa_ext.hessians import _round_plan, collect_hessians, find_targets  # noqa: E402
+from yaqa_ext.arch import find_targets  # noqa: E402
+from yaqa_ext.hessians import _round_plan, collect_hessians  # noqa: E402
 from yaqa_ext.models import load_model  # noqa: E402
 
 

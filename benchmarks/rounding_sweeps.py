@@ -14,7 +14,8 @@ import torch
 
 from yaqa_ext.codebooks import IntCodebook
 from yaqa_ext.hadamard import RHT
-from yaqa_ext.hessians import find_targets, load_hessians, weight_matrix
+from yaqa_ext.arch import find_targets, weight_matrix
+from yaqa_ext.hessians import load_hessians
 from yaqa_ext.ldl import block_ldl
 from yaqa_ext.models import load_model
 from yaqa_ext.rounding import ldlq_round, proxy_loss

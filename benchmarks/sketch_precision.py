@@ -22,7 +22,8 @@ from common import benchmark_parser, device_name  # noqa: E402
 
 from yaqa_ext import sketch_b_update  # noqa: E402
 from yaqa_ext.data import corpus_texts, prepare_tokens  # noqa: E402
-from yaqa_ext.hessians import _backward_sampled_loss, find_targets  # noqa: E402
+from yaqa_ext.arch import find_targets  # noqa: E402
+from yaqa_ext.hessians import _backward_sampled_loss  # noqa: E402
 from yaqa_ext.models import load_model  # noqa: E402
 
 

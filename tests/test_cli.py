@@ -233,3 +233,37 @@ def test_quantize_keeps_its_collection_under_out_and_replaces_only_its_own_outpu
     with pytest.raises(SystemExit):
         main(["quantize", "--method", "rtn", "--out", str(other), "--device", "cpu"])
     assert "not a yaqa quantize output" in capsys.readouterr().err and (other / "thesis.tex").exists()
+
+
+def test_moe_model_collect_reports_expert_tokens_and_quantize_falls_back(shared, tmp_path, capsys):
+    """A tiny Mixtral (stories260K's tokenizer) through `yaqa collect` and `yaqa quantize`: the routed-token range
+    printed is the collection's, each expert matrix under --expert-min-tokens is listed with the fallback rule
+    in the report, and the saved folder loads with one quantized linear per expert."""
+    import transformers as tf
+
+    from yaqa_ext import QuantizedLinear
+    from yaqa_ext.arch import RoutedExperts
+    from yaqa_ext.hessians import load_hessians
+    from yaqa_ext.models import load_model
+
+    _, tokenizer = load_model("stories260K")
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    common = ["--model", str(tmp_path / "moe"), "--n-seqs", "4", "--seq-len", "32", "--device", "cpu"]
+    assert main(["collect", "--out", str(tmp_path / "h"), "--sketch", "B", "--batch-size", "2", *common]) == 0
+    counts = load_hessians(tmp_path / "h").expert_tokens()
+    assert len(counts) == 16 and sum(counts.values()) == 2 * 2 * 4 * 32 * 2  # layers x matrices x tokens x top-2
+    assert f"MoE experts: 16 matrices saw {min(counts.values())} to {max(counts.values())} routed tokens" in capsys.readouterr().out
+    threshold = sorted(counts.values())[8]
+    assert main(["quantize", "--out", str(tmp_path / "q"), "--hessians", str(tmp_path / "h"), "--bits", "4",
+                 "--expert-min-tokens", str(threshold), "--expert-fallback", "rtn", *common]) == 0
+    assert "MoE expert matrices saw fewer than" in capsys.readouterr().out
+    layers = json.loads((tmp_path / "q" / "quantization_report.json").read_text())["layers"]
+    fell = {r["name"]: r["tokens"] for r in layers if r["fallback"] == "round to nearest"}
+    assert fell == {n: c for n, c in counts.items() if c < threshold} and fell
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(model.model.layers[0].mlp.experts, RoutedExperts)
+    assert isinstance(model.model.layers[0].mlp.experts[3].down_proj, QuantizedLinear)

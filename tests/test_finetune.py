@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from yaqa_ext import QuantConfig, quantize
 from yaqa_ext.finetune import BlockInputs, block_outputs, capture_block_inputs, finetune_block, linear_groups
-from yaqa_ext.hessians import decoder_layers, find_targets
+from yaqa_ext.arch import decoder_layers, find_targets
 
 TOKENS = torch.randint(0, 64, (12, 10), generator=torch.Generator().manual_seed(0))
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_ARCHS, tiny_model
 
-from yaqa_ext.hessians import collect_hessians, find_targets, load_hessians, sample_targets
+from yaqa_ext.arch import find_targets
+from yaqa_ext.hessians import collect_hessians, load_hessians, sample_targets
 
 N_SEQS, SEQ_LEN = 5, 7
 

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import yaqa_ext  # noqa: F401  (registers the "yaqa" quantization method with transformers)
 from yaqa_ext import IntCodebook, QuantConfig, QuantizedLinear, RHT, evaluate, quantize, round_to_nearest
-from yaqa_ext.hessians import collect_hessians, find_targets
+from yaqa_ext.arch import find_targets
+from yaqa_ext.hessians import collect_hessians
 from yaqa_ext.bitpack import pack_codes, unpack_codes
 from yaqa_ext.config import ungroup_specs
 

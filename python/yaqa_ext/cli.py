@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .codebooks import CODEBOOKS
+from .config import EXPERT_FALLBACKS
 from .fileio import publish_files
 from .lowrank import LOWRANK_METHODS
 from .methods import METHODS, pipeline_methods
@@ -140,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--datafree-transform", action="store_true",
                      help="datafree: also search an input-column scaling for layers without a partner")
     qua.add_argument("--skip", type=_regex, action="append", default=[], help="regex of module names to keep unquantized (repeatable)")
+    qua.add_argument("--expert-min-tokens", type=int, default=16,
+                     help="MoE: an expert's matrix that saw fewer routed calibration tokens uses --expert-fallback "
+                          "(default: %(default)s)")
+    qua.add_argument("--expert-fallback", choices=EXPERT_FALLBACKS, default="shared",
+                     help="shared: the sum of that matrix's factors over the layer's experts; rtn: round to nearest "
+                          "(default: %(default)s)")
     _rounding_arguments(qua)
     qua.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default: %(default)s)")
     qua.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
@@ -197,7 +204,7 @@ def _rounding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _collect(args: argparse.Namespace) -> None:
     from .data import corpus_texts
-    from .hessians import collect_hessians
+    from .hessians import collect_hessians, load_hessians
     from .models import load_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -216,6 +223,13 @@ def _collect(args: argparse.Namespace) -> None:
         allow_tf32=args.tf32,
     )
     print(f"Hessian factors written to {out}")
+    experts = load_hessians(out).expert_tokens()
+    if experts:
+        counts = sorted(experts.values())
+        fewest = min(experts, key=experts.get)
+        print(f"MoE experts: {len(counts)} matrices saw {counts[0]} to {counts[-1]} routed tokens (median "
+              f"{counts[len(counts) // 2]}; fewest: {fewest}); `yaqa quantize` rounds those under --expert-min-tokens "
+              "with the --expert-fallback rule")
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -229,7 +243,8 @@ def _quantize(args: argparse.Namespace) -> None:
                          skip=args.skip, lowrank_rank=args.lowrank_rank, lowrank_method=args.lowrank_method,
                          datafree_transform=args.datafree_transform, finetune_epochs=args.finetune_epochs,
                          finetune_lr=args.finetune_lr, finetune_e2e_epochs=args.finetune_e2e_epochs,
-                         rounding_scale_search=args.rounding_scale_search)
+                         rounding_scale_search=args.rounding_scale_search, expert_min_tokens=args.expert_min_tokens,
+                         expert_fallback=args.expert_fallback)
     out = Path(args.out)
     stale = _previous_output(out)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)

@@ -12,7 +12,10 @@ from .codebooks import CODEBOOKS, Codebook, get_codebook
 from .lowrank import LOWRANK_METHODS
 from .methods import get_method
 
-__all__ = ["QuantConfig"]
+__all__ = ["EXPERT_FALLBACKS", "QuantConfig"]
+
+EXPERT_FALLBACKS = ("shared", "rtn")
+"""What an MoE expert that saw too few calibration tokens is rounded with (see QuantConfig)."""
 
 
 @dataclass
@@ -44,6 +47,9 @@ class QuantConfig:
     rounding_scale_search: adaptive rounding is run with the grid's scales times each factor of
     ``ROUNDING_SCALES`` and keeps the result of least proxy loss (the scale that suits round-to-nearest is
     not the best once errors are fed back; about 5x the rounding time).
+    expert_min_tokens / expert_fallback: an MoE expert's matrix whose collection saw fewer routed tokens than
+    ``expert_min_tokens`` is rounded with ``"shared"`` factors (the sum of that matrix's factors over all experts
+    of its layer) or round to nearest (``"rtn"``); the report lists each one.
     """
 
     method: str = "yaqa"
@@ -65,8 +71,13 @@ class QuantConfig:
     finetune_lr: float = 1e-3
     finetune_e2e_epochs: int = 0
     rounding_scale_search: bool = False
+    expert_min_tokens: int = 16
+    expert_fallback: str = "shared"
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Filled by quantize() (in a copy): per quantized module, the spec of its QuantizedLinear."""
+    routed_experts: list[str] = field(default_factory=list)
+    """Filled by quantize() (in a copy): the MoE experts modules stored one linear per expert
+    (:class:`yaqa_ext.arch.RoutedExperts`), which a loader unfuses before reading the weights."""
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -90,6 +101,10 @@ class QuantConfig:
                              f"({self.finetune_e2e_epochs}) must be >= 0 (0: no fine-tuning)")
         if not self.finetune_lr > 0:
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        if self.expert_min_tokens < 0:
+            raise ValueError(f"expert_min_tokens must be >= 0 (0: every expert uses its own factors), got {self.expert_min_tokens}")
+        if self.expert_fallback not in EXPERT_FALLBACKS:
+            raise ValueError(f"expert_fallback must be one of {EXPERT_FALLBACKS}, got {self.expert_fallback!r}")
 
     def make_quantizer(self) -> Codebook:
         """The codebook this config asks for."""

@@ -25,57 +25,63 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .hessians import TargetModule, decoder_layers, weight_matrix
+from .arch import TargetModule, architecture_of, decoder_layers, weight_matrix
 
 __all__ = ["Partner", "find_partners", "hermite_coefficients", "proxy_factors"]
 
 log = logging.getLogger("yaqa_ext")
 
-# (first, second, kind, the second's H_I comes from the first, the other branch of a gated MLP), by module
-# name within a block. kind: "head" (linear, per attention head group), "gated" (the up branch, scaled by the
-# gate's activation), "gate", "mlp" (an activation between the two).
-_PAIRS = [
-    ("self_attn.v_proj", "self_attn.o_proj", "head", True, None),  # Llama, Qwen2, Mistral
-    ("self_attn.v_proj", "self_attn.out_proj", "head", True, None),  # OPT
-    ("mlp.up_proj", "mlp.down_proj", "gated", True, "mlp.gate_proj"),  # gated MLPs
-    ("mlp.gate_proj", "mlp.down_proj", "gate", False, "mlp.up_proj"),
-    ("fc1", "fc2", "mlp", True, None),  # OPT
-    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp", True, None),  # GPT-NeoX
-    ("mlp.c_fc", "mlp.c_proj", "mlp", True, None),  # GPT-2
-]
-
-
 @dataclass(frozen=True)
 class Partner:
     role: str  # "first" or "second"
     partner: str  # the module the role pairs with (for a second, the first whose Gram gives H_I)
-    kind: str  # "head", "gated", "gate" or "mlp" (see _PAIRS)
+    kind: str  # "head", "gated", "gate" or "mlp" (see yaqa_ext.arch.PartnerRule), or "gate_up": an MoE expert's
+    # fused [gate; up] matrix and its down projection
     other: str | None = None  # gated MLPs: the other branch of the first (up <-> gate); for the second, the gate
+    halves: tuple[slice, slice] | None = None  # gate_up: the rows of the gate and of the up projection
 
 
 def find_partners(model: nn.Module, targets: list[TargetModule]) -> dict[str, Partner]:
-    """The pairs of :data:`_PAIRS` present among ``targets`` (modules of other families: none, logged)."""
+    """The partner pairs of the model's architecture (:attr:`yaqa_ext.arch.Architecture.pairs`) present among
+    ``targets`` (layers without one: none, logged)."""
     prefix, _ = decoder_layers(model)
     names = {t.name: t for t in targets}
     out: dict[str, Partner] = {}
     for i in sorted({t.layer for t in targets}):
-        for first, second, kind, feeds, branch in _PAIRS:
-            a, b = f"{prefix}.{i}.{first}", f"{prefix}.{i}.{second}"
-            other = None if branch is None else f"{prefix}.{i}.{branch}"
+        for rule in architecture_of(model).pairs:
+            a, b = f"{prefix}.{i}.{rule.first}", f"{prefix}.{i}.{rule.second}"
+            other = None if rule.branch is None else f"{prefix}.{i}.{rule.branch}"
             if a not in names or b not in names or (other is not None and _linear(model, other) is None):
                 continue
-            if kind == "head":
+            if rule.kind == "head":
                 heads, kv, hd = _heads(model)
                 fits = names[a].out_features == kv * hd and names[b].in_features == heads * hd
             else:
                 fits = names[a].out_features == names[b].in_features
             if fits:
-                out[a] = Partner("first", b, kind, other)
-                if feeds:
-                    out[b] = Partner("second", a, kind, None if other is None else f"{prefix}.{i}.mlp.gate_proj")
+                out[a] = Partner("first", b, rule.kind, other)
+                if rule.feeds:
+                    out[b] = Partner("second", a, rule.kind, other)
+    out.update(_expert_partners(targets))
     alone = [n for n in names if n not in out]
     if alone:
         log.info("datafree: %d layers have no partner and get identity factors (e.g. %s)", len(alone), alone[0])
+    return out
+
+
+def _expert_partners(targets: list[TargetModule]) -> dict[str, Partner]:
+    """Each MoE expert's first matrix (fused gate_up, or up without a gate) paired with its down projection."""
+    names = {t.name for t in targets}
+    out: dict[str, Partner] = {}
+    for t in targets:
+        if t.experts is None:
+            continue
+        head = t.name.rpartition(f".{t.expert}.")[0]
+        first, second = f"{head}.{t.expert}.{t.experts[t.expert].first_name}", f"{head}.{t.expert}.down_proj"
+        if first in names and second in names:
+            halves = t.experts.gate_up_halves() if t.experts.shell.has_gate else None
+            kind = "mlp" if halves is None else "gate_up"
+            out[first], out[second] = Partner("first", second, kind, None, halves), Partner("second", first, kind, None, halves)
     return out
 
 
@@ -139,26 +145,45 @@ def _gain_moment(A: Tensor, activation: str, derivative: bool) -> Tensor:
     return M - torch.diag(M.diagonal()) + torch.diag(second)
 
 
+def _first_gain(kind: str, own: Tensor, other: Tensor | None, act: str) -> Tensor:
+    """``E[s s^T]`` of how a first MLP matrix's hidden units pass an error on (see the module docstring)."""
+    if kind == "gated":  # up: gain act(gate x)
+        return _gain_moment(other, act, derivative=False)
+    if kind == "gate":  # gate: gain act'(gate x) * (up x)
+        return _gain_moment(own, act, derivative=True) * (other @ other.T)
+    return _gain_moment(own, act, derivative=True)  # plain MLP: gain act'(W1 x)
+
+
+def _second_input(kind: str, first: Tensor, other: Tensor | None, act: str) -> Tensor:
+    """``E[h h^T]`` of a second MLP matrix's input: act(gate x) * (up x) with the two branches taken as independent
+    (gated), or act(W1 x)."""
+    if kind == "gated":
+        return _gain_moment(other, act, derivative=False) * (first @ first.T)
+    return _gain_moment(first, act, derivative=False)
+
+
 def proxy_factors(model: nn.Module, name: str, partner: Partner | None) -> tuple[Tensor | None, Tensor | None]:
     """``(H_in, H_out)`` of a layer from its own and its partners' current weights (None: identity)."""
     if partner is None:
         return None, None
     W = _linear(model, partner.partner)
-    if partner.kind != "head":
-        act = _activation(model)
+    if partner.kind == "gate_up":  # an expert's fused [gate; up]: the gate and up rows as the 'gate' / 'gated' pair
+        act, (gate_rows, up_rows) = _activation(model), partner.halves
         if partner.role == "first":
             own = _linear(model, name)
-            if partner.kind == "gated":  # up: gain silu(gate x)
-                gain = _gain_moment(_linear(model, partner.other), act, derivative=False)
-            elif partner.kind == "gate":  # gate: gain silu'(gate x) * (up x)
-                up = _linear(model, partner.other)
-                gain = _gain_moment(own, act, derivative=True) * (up @ up.T)
-            else:  # plain MLP: gain act'(W1 x)
-                gain = _gain_moment(own, act, derivative=True)
-            return None, gain * (W.T @ W)
-        if partner.kind == "gated":  # down's input silu(gate x) * (up x), the two branches taken as independent
-            return _gain_moment(_linear(model, partner.other), act, derivative=False) * (W @ W.T), None
-        return _gain_moment(W, act, derivative=False), None  # plain MLP: down's input act(W1 x)
+            gate, up, DtD = own[gate_rows], own[up_rows], W.T @ W
+            up_white = up / gate.square().sum(1).mean().sqrt()  # up x for the x that gives the gate unit variance
+            H = torch.zeros(own.size(0), own.size(0), dtype=own.dtype, device=own.device)
+            H[gate_rows, gate_rows] = _first_gain("gate", gate, up_white, act) * DtD
+            H[up_rows, up_rows] = _first_gain("gated", up, gate, act) * DtD
+            return None, H
+        return _second_input("gated", W[up_rows], W[gate_rows], act), None
+    if partner.kind != "head":
+        act = _activation(model)
+        other = None if partner.other is None else _linear(model, partner.other)
+        if partner.role == "first":
+            return None, _first_gain(partner.kind, _linear(model, name), other, act) * (W.T @ W)
+        return _second_input(partner.kind, W, other, act), None
     heads, kv, hd = _heads(model)
     rep = heads // kv
     if partner.role == "first":  # V, partner O: block g = sum over the query heads h of group g of O_h^T O_h

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .fileio import atomic_save
-from .hessians import TargetModule, decoder_layers
+from .arch import TargetModule, decoder_layers
 from .qlinear import QuantizedLinear
 
 __all__ = ["BlockCheckpoint", "BlockInputs", "block_outputs", "capture_block_inputs", "finetune_block",

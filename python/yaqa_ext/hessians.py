@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from . import ops
+from .arch import TargetModule, decoder_layers, find_targets, routed_experts
 from .data import prepare_tokens
 from .fileio import atomic_save, atomic_write_text
 from .progress import progress_bar
@@ -31,13 +32,9 @@ __all__ = [
     "SKETCHES",
     "TWO_SIDED_SKETCHES",
     "HessianFactors",
-    "TargetModule",
     "collect_hessians",
-    "decoder_layers",
-    "find_targets",
     "load_hessians",
     "sample_targets",
-    "weight_matrix",
 ]
 
 SKETCHES = ("input", "A", "B", "B-lw")
@@ -48,81 +45,6 @@ STAT_KEYS = ("H_in.token", "H_out.token", "H_in.cov", "H_out.cov")
 of the shrinkage estimator (:mod:`yaqa_ext.shrinkage`)."""
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# Which modules
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(out_features, in_features) of an nn.Linear or a GPT-2 style Conv1D (weight stored n x m)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        return module.nf, module.nx
-    return None
-
-
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The (out, in) weight of a linear layer: nn.Linear, GPT-2's Conv1D (stored in x out), QuantizedLinear."""
-    W = module.weight.detach()
-    return W.T if type(module).__name__ == "Conv1D" else W
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder blocks: the longest ``nn.ModuleList`` whose blocks hold linear layers (in
-    one block at least: the lower ones may be quantized already)."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if any(_linear_shape(m) is not None for m in module.modules()):
-                if best is None or len(module) > len(best[1]):
-                    best = (name, module)
-    if best is None:
-        raise ValueError(
-            f"{type(model).__name__} has no supported linear layer (nn.Linear or Conv1D) inside a list of decoder "
-            "blocks (an nn.ModuleList); yaqa_ext collects Hessians for decoder-only transformer LMs"
-        )
-    return best
-
-
-@dataclass(frozen=True)
-class TargetModule:
-    name: str
-    layer: int
-    module: nn.Module
-    out_features: int
-    in_features: int
-
-
-def find_targets(
-    model: nn.Module, layers: list[int] | None = None, include: str | None = None, exclude: str | None = None
-) -> list[TargetModule]:
-    """The linear layers inside the decoder blocks (lm_head and embeddings are outside them).
-
-    ``layers`` selects decoder blocks by index; ``include`` / ``exclude`` are regular expressions
-    matched (``re.search``) against full module names.
-    """
-    import re
-
-    prefix, blocks = decoder_layers(model)
-    if layers is not None:
-        bad = [i for i in layers if not 0 <= i < len(blocks)]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {len(blocks)} decoder layers (0..{len(blocks) - 1})")
-    targets = []
-    for i, block in enumerate(blocks):
-        if layers is not None and i not in layers:
-            continue
-        for sub, module in block.named_modules():
-            shape = _linear_shape(module)
-            name = f"{prefix}.{i}.{sub}"
-            if shape is None or (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
-                continue
-            targets.append(TargetModule(name, i, module, *shape))
-    if not targets:
-        raise ValueError("no linear layer selected: check layers=, include= and exclude=")
-    return targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +190,7 @@ class _Collector:
         if acc is None:
             acc = {}
             for t in self.targets.values():
+                acc[f"{t.name}.tokens"] = torch.zeros((), dtype=torch.float64, device=self.device)
                 for side in sides:
                     size = t.in_features if side == "H_in" else t.out_features
                     acc[f"{t.name}.{side}"] = torch.zeros(size, size, dtype=self.dtype, device=self.device)
@@ -284,7 +207,7 @@ class _Collector:
 
     def finish_round(self) -> None:
         for name, count in self.updates.items():
-            if count == 0:
+            if count == 0 and self.targets[name].experts is None:  # an expert may see no token (its count says so)
                 raise RuntimeError(
                     f"module {name} received no {'input' if self.kind == 'input' else 'gradient'} in this pass: it is "
                     "not used by the model's forward, or the gradient does not reach it"
@@ -292,30 +215,51 @@ class _Collector:
         for key, H in self.acc.items():
             if not _all_finite(H):
                 raise FloatingPointError(f"the factor {key} has NaN or infinite entries (non-finite activations or gradients)")
-            if key.endswith(("H_in", "H_out")) and not bool(H.diagonal().any()):
+            routed = self.targets[key.rpartition(".")[0]].experts is not None if key.endswith(("H_in", "H_out")) else True
+            if not routed and not bool(H.diagonal().any()):
                 warnings.warn(f"the factor {key} is zero: no {'input' if self.kind == 'input' else 'gradient'} signal "
                               "reached this module (a dead layer); quantize rounds that side to nearest", stacklevel=2)
         self.prev.update(self.acc)
 
-    def forward_hook(self, name: str) -> Callable:
+    def forward_hook(self, target: TargetModule) -> Callable:
+        name = target.name
+
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             x = inputs[0].detach()
             if self.kind == "input":
                 ops.input_moment_update(x.to(self.device), self.acc[f"{name}.H_in"], self.allow_tf32)
                 self.acc[f"{name}.x_abs"] += x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=self.dtype).to(self.device)
+                self.acc[f"{name}.tokens"] += x.shape[:-1].numel()
                 self.updates[name] += 1
             elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
-                B, T = self.batch_shape
-                if x.shape[:-1].numel() != B * T:
-                    raise ValueError(f"{name} saw inputs of shape {tuple(x.shape)} in a forward pass of {B} x {T} tokens; "
-                                     "yaqa_ext needs one input row per token")
-                # Per-sequence structure, also for models that flatten tokens (e.g. OPT's MLP).
-                output.register_hook(functools.partial(self._on_grad, name, x.reshape(B, T, -1)))
+                # Per-sequence structure (B, T or tokens routed per sequence, n), also for models that flatten
+                # tokens (e.g. OPT's MLP) and for MoE experts, which see the tokens routed to them.
+                slots = self._slots(target, x)
+                self.acc[f"{name}.tokens"] += x.shape[:-1].numel()
+                output.register_hook(functools.partial(self._on_grad, name, _by_sequence(x, slots, self.batch_shape), slots))
 
         return hook
 
-    def _on_grad(self, name: str, x: Tensor, g: Tensor) -> None:
-        X, G = x.to(self.device), g.detach().reshape(*x.shape[:2], -1).to(self.device)
+    def _slots(self, target: TargetModule, x: Tensor) -> tuple[Tensor, Tensor, int] | None:
+        """Where each input row of ``target`` sits among the pass's (sequence, position) slots: None for one row
+        per token; for an expert, (sequence, slot, slots per sequence) of its routed rows (ascending token order)."""
+        B, T = self.batch_shape
+        if target.experts is None:
+            if x.shape[:-1].numel() != B * T:
+                raise ValueError(f"{target.name} saw inputs of shape {tuple(x.shape)} in a forward pass of {B} x {T} "
+                                 "tokens; yaqa_ext needs one input row per token")
+            return None
+        rows, tokens = target.experts.current_rows, target.experts.current_tokens
+        if rows is None or tokens != B * T:
+            raise ValueError(f"{target.name}: its experts module routed {tokens} token rows in a forward pass of {B} x "
+                             f"{T} tokens (or was called outside its forward); yaqa_ext needs one row per token")
+        seq = torch.div(rows, T, rounding_mode="floor")
+        counts = torch.bincount(seq, minlength=B)
+        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[seq]
+        return seq, slot, int(counts.max())
+
+    def _on_grad(self, name: str, X: Tensor, slots: tuple[Tensor, Tensor, int] | None, g: Tensor) -> None:
+        X, G = X.to(self.device), _by_sequence(g.detach(), slots, self.batch_shape).to(self.device)
         w = self.weights
         if self.kind == "B" and self.stats:
             self._sketch_b_with_stats(name, X, G, w.get(f"{name}.H_in"), w.get(f"{name}.H_out"))
@@ -341,6 +285,18 @@ class _Collector:
                 self.acc[f"{name}.{side}"] += S
                 self.acc[f"{name}.{side}.token"] += D
                 self.acc[f"{name}.{side}.cov"] += ((S - D) * S).sum(dtype=torch.float64)
+
+
+def _by_sequence(t: Tensor, slots: tuple[Tensor, Tensor, int] | None, batch_shape: tuple[int, int]) -> Tensor:
+    """Rows of ``t`` as (sequences, slots, features): a reshape for one row per token, else each routed row in its
+    sequence's slot of a zero-padded tensor (zero rows add nothing to any sketch)."""
+    B, T = batch_shape
+    if slots is None:
+        return t.reshape(B, T, -1)
+    seq, slot, width = slots
+    out = t.new_zeros(B, width, t.shape[-1])
+    out[seq, slot] = t.reshape(-1, t.shape[-1])
+    return out
 
 
 def _require_grad_hook(module: nn.Module, inputs: tuple, output):
@@ -409,7 +365,7 @@ def _run_passes(job: _Job, collector: _Collector, targets: list[TargetModule], s
     _, blocks = decoder_layers(model)
     lowest = min(t.layer for t in targets)
     start_module = model.get_input_embeddings() if lowest == 0 else blocks[lowest - 1]
-    handles = [t.module.register_forward_hook(collector.forward_hook(t.name)) for t in targets]
+    handles = [t.module.register_forward_hook(collector.forward_hook(t)) for t in targets]
     handles.append(start_module.register_forward_hook(_require_grad_hook))  # layers below run without a graph
     patched: list[nn.Module] = []
     if job.gradient_checkpointing:
@@ -474,7 +430,7 @@ def _layer_groups(targets: list[TargetModule], layers_per_pass: int | None) -> l
 def _write_layers(out: Path, targets: list[TargetModule], factors: dict[str, Tensor]) -> None:
     by_layer: dict[int, dict[str, Tensor]] = {}
     for t in targets:
-        for side in ("H_in", "H_out", "x_abs", *STAT_KEYS):
+        for side in ("H_in", "H_out", "x_abs", "tokens", *STAT_KEYS):
             key = f"{t.name}.{side}"
             if key in factors:
                 by_layer.setdefault(t.layer, {})[key] = factors[key]
@@ -548,96 +504,97 @@ def collect_hessians(
     if accum_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
     out = Path(out_dir)
-    rank, world = _dist_info()
-    device = torch.device(factor_device) if factor_device is not None else next(model.parameters()).device
-    targets = find_targets(model, layers, include, exclude)
-    tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
-    plan = _round_plan(sketch, power_iters)
-    settings = {
-        "sketch": sketch, "power_iters": power_iters, "n_seqs": n_seqs, "seq_len": seq_len, "batch_size": batch_size,
-        "layers": sorted({t.layer for t in targets}), "modules": [t.name for t in targets], "seed": seed,
-        "accum_dtype": str(accum_dtype).removeprefix("torch."), "world_size": world, "layers_per_pass": layers_per_pass,
-    }
-    fingerprint = _fingerprint(model, tokens, settings)
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if resume and old.get("fingerprint") == fingerprint:
-            return out
-        if resume:
-            raise FileExistsError(
-                f"{out} holds Hessians collected with other settings, model or data; pass resume=False to "
-                "overwrite them, or choose another out_dir"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / f"collect-state-rank{rank}.safetensors"
-    groups = _layer_groups(targets, layers_per_pass)
-
-    group_index, round_index, next_batch, saved = 0, 0, 0, {}
-    my_seqs = list(range(rank, n_seqs, world))
-    batches = [my_seqs[i : i + batch_size] for i in range(0, len(my_seqs), batch_size)]
-    if resume and state_path.exists():
-        limits = {"group": len(groups), "round": len(plan), "next_batch": len(batches)}
-        counters, saved = _read_checkpoint(state_path, fingerprint, limits, device)
-        group_index, round_index, next_batch = counters["group"], counters["round"], counters["next_batch"]
-    per_group = len(plan) * len(batches)
-    bar = progress_bar(len(groups) * per_group, f"collect sketch {sketch}", "batch", enabled=progress and rank == 0,
-                       initial=group_index * per_group + round_index * len(batches) + next_batch)
-    job = _Job(model, tokens, batches, plan, seed, seq_len, world, checkpoint_interval, gradient_checkpointing, bar)
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.eval()
-        for p, _ in saved_flags:
-            p.requires_grad_(False)
-        for g in range(group_index, len(groups)):
-            collector = _Collector(groups[g], device, accum_dtype, allow_tf32, stats=sketch == "B-lw")
-            collector.prev = {k.removeprefix("prev."): v for k, v in saved.items() if k.startswith("prev.")}
-            acc = {k.removeprefix("acc."): v for k, v in saved.items() if k.startswith("acc.")} or None
-
-            def save_state(r: int, b: int, g: int = g, collector: _Collector = collector) -> None:
-                tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
-                counters = {"group": str(g), "round": str(r), "next_batch": str(b)}
-                atomic_save(tensors, state_path,
-                            {"fingerprint": fingerprint, "checksum": _checksum(tensors, counters), **counters})
-
-            _run_passes(job, collector, groups[g], (round_index, next_batch), acc, save_state)
-            if rank == 0:
-                _write_layers(out, groups[g], collector.prev)
-            round_index, next_batch, saved = 0, 0, {}
-            if g + 1 < len(groups):  # this group's factors are on disk: the next one starts from nothing
-                collector.acc, collector.prev = {}, {}
-                save_state(0, 0, g + 1)
-            del collector
-    finally:
-        bar.close()
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
-
-    if rank == 0:
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "model": str(getattr(model, "name_or_path", "") or type(model).__name__),
-            "passes": plan,
-            "tokens": n_seqs * seq_len,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "yaqa_ext_version": _version(),
-            "torch_version": torch.__version__,
-            **settings,
-            "module_info": {
-                t.name: {"layer": t.layer, "file": _layer_file(t.layer), "in_features": t.in_features,
-                         "out_features": t.out_features}
-                for t in targets
-            },
+    with routed_experts(model):  # fused MoE experts collected per expert, restored afterwards
+        rank, world = _dist_info()
+        device = torch.device(factor_device) if factor_device is not None else next(model.parameters()).device
+        targets = find_targets(model, layers, include, exclude)
+        tokens = prepare_tokens(data, tokenizer, n_seqs, seq_len)
+        plan = _round_plan(sketch, power_iters)
+        settings = {
+            "sketch": sketch, "power_iters": power_iters, "n_seqs": n_seqs, "seq_len": seq_len, "batch_size": batch_size,
+            "layers": sorted({t.layer for t in targets}), "modules": [t.name for t in targets], "seed": seed,
+            "accum_dtype": str(accum_dtype).removeprefix("torch."), "world_size": world, "layers_per_pass": layers_per_pass,
         }
-        atomic_write_text(json.dumps(manifest, indent=2), manifest_path)
-    if world > 1:
-        torch.distributed.barrier()
-    state_path.unlink(missing_ok=True)
-    return out
+        fingerprint = _fingerprint(model, tokens, settings)
+        manifest_path = out / MANIFEST
+        if manifest_path.exists():
+            old = json.loads(manifest_path.read_text())
+            if resume and old.get("fingerprint") == fingerprint:
+                return out
+            if resume:
+                raise FileExistsError(
+                    f"{out} holds Hessians collected with other settings, model or data; pass resume=False to "
+                    "overwrite them, or choose another out_dir"
+                )
+        out.mkdir(parents=True, exist_ok=True)
+        state_path = out / f"collect-state-rank{rank}.safetensors"
+        groups = _layer_groups(targets, layers_per_pass)
+
+        group_index, round_index, next_batch, saved = 0, 0, 0, {}
+        my_seqs = list(range(rank, n_seqs, world))
+        batches = [my_seqs[i : i + batch_size] for i in range(0, len(my_seqs), batch_size)]
+        if resume and state_path.exists():
+            limits = {"group": len(groups), "round": len(plan), "next_batch": len(batches)}
+            counters, saved = _read_checkpoint(state_path, fingerprint, limits, device)
+            group_index, round_index, next_batch = counters["group"], counters["round"], counters["next_batch"]
+        per_group = len(plan) * len(batches)
+        bar = progress_bar(len(groups) * per_group, f"collect sketch {sketch}", "batch", enabled=progress and rank == 0,
+                           initial=group_index * per_group + round_index * len(batches) + next_batch)
+        job = _Job(model, tokens, batches, plan, seed, seq_len, world, checkpoint_interval, gradient_checkpointing, bar)
+        saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+        was_training = model.training
+        try:
+            model.eval()
+            for p, _ in saved_flags:
+                p.requires_grad_(False)
+            for g in range(group_index, len(groups)):
+                collector = _Collector(groups[g], device, accum_dtype, allow_tf32, stats=sketch == "B-lw")
+                collector.prev = {k.removeprefix("prev."): v for k, v in saved.items() if k.startswith("prev.")}
+                acc = {k.removeprefix("acc."): v for k, v in saved.items() if k.startswith("acc.")} or None
+
+                def save_state(r: int, b: int, g: int = g, collector: _Collector = collector) -> None:
+                    tensors = {f"acc.{k}": v for k, v in collector.acc.items()} | {f"prev.{k}": v for k, v in collector.prev.items()}
+                    counters = {"group": str(g), "round": str(r), "next_batch": str(b)}
+                    atomic_save(tensors, state_path,
+                                {"fingerprint": fingerprint, "checksum": _checksum(tensors, counters), **counters})
+
+                _run_passes(job, collector, groups[g], (round_index, next_batch), acc, save_state)
+                if rank == 0:
+                    _write_layers(out, groups[g], collector.prev)
+                round_index, next_batch, saved = 0, 0, {}
+                if g + 1 < len(groups):  # this group's factors are on disk: the next one starts from nothing
+                    collector.acc, collector.prev = {}, {}
+                    save_state(0, 0, g + 1)
+                del collector
+        finally:
+            bar.close()
+            for p, flag in saved_flags:
+                p.requires_grad_(flag)
+                p.grad = None
+            model.train(was_training)
+
+        if rank == 0:
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "model": str(getattr(model, "name_or_path", "") or type(model).__name__),
+                "passes": plan,
+                "tokens": n_seqs * seq_len,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "yaqa_ext_version": _version(),
+                "torch_version": torch.__version__,
+                **settings,
+                "module_info": {
+                    t.name: {"layer": t.layer, "file": _layer_file(t.layer), "in_features": t.in_features,
+                             "out_features": t.out_features, **({} if t.expert is None else {"expert": t.expert})}
+                    for t in targets
+                },
+            }
+            atomic_write_text(json.dumps(manifest, indent=2), manifest_path)
+        if world > 1:
+            torch.distributed.barrier()
+        state_path.unlink(missing_ok=True)
+        return out
 
 
 def _version() -> str:
@@ -675,6 +632,18 @@ class HessianFactors:
 
     def __contains__(self, name: str) -> bool:
         return name in self.manifest["module_info"]
+
+    def tokens(self, name: str) -> int | None:
+        """How many token rows reached a module in one pass over the data: ``n_seqs * seq_len``, or for an MoE
+        expert's matrix the tokens routed to it (None: a collection made before yaqa_ext counted them)."""
+        info = self._info(name)
+        with safe_open(str(self.path / info["file"]), "pt") as f:
+            key = f"{name}.tokens"
+            return int(f.get_tensor(key)) if key in set(f.keys()) else None
+
+    def expert_tokens(self) -> dict[str, int]:
+        """The tokens routed to each MoE expert's matrix (module name -> count), for the experts of the collection."""
+        return {name: self.tokens(name) for name, info in self.manifest["module_info"].items() if "expert" in info}
 
     def abs_mean(self, name: str, device: str | torch.device = "cpu") -> Tensor | None:
         """``mean_t |x_t|`` of a module's inputs (n), when the collection had a forward-only 'input' pass."""

@@ -23,12 +23,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .arch import fuse_experts, replace_module, unfuse_experts
 from .config import QuantConfig, group_specs
 from .fileio import atomic_save, atomic_write_text
 from .qlinear import QuantizedLinear
 
 __all__ = ["YaqaHfConfig", "YaqaHfQuantizer", "YaqaSavedConfig", "dequantize", "export_lora", "mark_quantized",
-           "replace_module", "unmark_quantized"]
+           "unmark_quantized"]
 
 SAVED_MODEL_TYPE = "yaqa_ext"
 CONFIG_FORMAT_VERSION = 2
@@ -143,17 +144,12 @@ def unmark_quantized(config: PretrainedConfig) -> None:
         config.__class__ = base
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def dequantize(model: nn.Module, lowrank: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every :class:`QuantizedLinear` by an ``nn.Linear`` holding its effective weight, in place
     (``lowrank=False``: without the low-rank term, the base of a QLoRA-style adapter from
-    :func:`export_lora`), in ``dtype`` (default: the model's, ``model.dtype``, so a bf16 model stays bf16).
-    The model no longer carries a ``quantization_config``."""
+    :func:`export_lora`), in ``dtype`` (default: the model's, ``model.dtype``, so a bf16 model stays bf16), and
+    MoE experts quantized one per expert back into the architecture's fused module
+    (:func:`yaqa_ext.arch.fuse_experts`). The model no longer carries a ``quantization_config``."""
     if dtype is None:
         dtype = getattr(model, "dtype", None) or torch.float32
     for name, module in list(model.named_modules()):
@@ -164,6 +160,7 @@ def dequantize(model: nn.Module, lowrank: bool = True, dtype: torch.dtype | None
             if module.bias is not None:
                 linear.bias.data.copy_(module.bias)
             replace_module(model, name, linear)
+    fuse_experts(model, dtype)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
@@ -235,6 +232,7 @@ class YaqaHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         mark_quantized(model.config)  # saved again it keeps the protected form (older folders gain it)
         if self.pre_quantized:
+            unfuse_experts(model, self.quantization_config.routed_experts)
             for name, spec in self.quantization_config.modules.items():
                 replace_module(model, name, QuantizedLinear.from_spec(spec))
         return model

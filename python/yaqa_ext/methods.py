@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from .datafree import find_partners, proxy_factors
-from .hessians import HessianFactors, TargetModule
+from .arch import TargetModule
+from .hessians import HessianFactors
 
 __all__ = ["METHODS", "LayerFactors", "Method", "get_method", "pipeline_methods", "register_method"]
 

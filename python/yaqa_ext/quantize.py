@@ -21,10 +21,11 @@ from .codebooks import Codebook, Grid
 from .hadamard import RHT
 from .data import prepare_tokens
 from .finetune import BlockCheckpoint, finetune_end_to_end, quantize_blocks
-from .hessians import (TWO_SIDED_SKETCHES, HessianFactors, TargetModule, _fingerprint, _mix, collect_hessians,
-                       decoder_layers, find_targets, load_hessians, weight_matrix)
+from .arch import (Coverage, RoutedExperts, TargetModule, coverage, decoder_layers, find_targets, replace_module,
+                   unfuse_experts, weight_matrix)
+from .hessians import TWO_SIDED_SKETCHES, HessianFactors, _fingerprint, _mix, collect_hessians, load_hessians
 from .config import QuantConfig
-from .hf import YaqaHfConfig, mark_quantized, replace_module
+from .hf import YaqaHfConfig, mark_quantized
 from .ldl import block_ldl
 from .lowrank import INPUT_STAT_METHODS, lowrank_correction
 from .methods import LayerFactors, Method, get_method
@@ -52,12 +53,19 @@ class LayerReport:
     """'method:rank' of the low-rank term, if any."""
     bits_per_weight: float
     seconds: float
+    tokens: int | None = None
+    """Calibration tokens that reached the layer in one pass (None: no collection, or one made before they were
+    counted); for an MoE expert's matrix, the tokens routed to the expert."""
+    fallback: str | None = None
+    """For an MoE expert below ``QuantConfig.expert_min_tokens``: the factors it was rounded with instead."""
 
 
 @dataclass
 class QuantReport:
     config: QuantConfig
     layers: list[LayerReport]
+    coverage: Coverage | None = None
+    """The decoder weights the targets cover, and those left in float with why."""
     finetune: list[tuple[str, float, float]] = field(default_factory=list)
     """Per fine-tuned group of layers (``config.finetune_epochs``): its first layer, the block's mean squared
     output error on held-out calibration sequences before fine-tuning and after."""
@@ -74,9 +82,13 @@ class QuantReport:
         def fmt(v: float | None, spec: str) -> str:
             return "-" if v is None else format(v, spec)
 
-        lines = [f"{self.config.summary()}: {len(self.layers)} layers, {self.bits_per_weight:.3f} bits/weight",
-                 f"{'layer':42s} {'shape':>11s} {'tiles':>6s} {'damp I':>7s} {'damp O':>7s} {'proxy 2s':>9s} "
-                 f"{'proxy 1s':>9s} {'bits/w':>6s} {'s':>6s}"]
+        lines = [f"{self.config.summary()}: {len(self.layers)} layers, {self.bits_per_weight:.3f} bits/weight"]
+        lines += [] if self.coverage is None else [self.coverage.summary()]
+        fallbacks = [r for r in self.layers if r.fallback is not None]
+        lines += [f"{len(fallbacks)} MoE expert matrices saw fewer than {self.config.expert_min_tokens} tokens: "
+                  + ", ".join(f"{r.name} ({r.tokens} tokens: {r.fallback})" for r in fallbacks)] if fallbacks else []
+        lines += [f"{'layer':42s} {'shape':>11s} {'tiles':>6s} {'damp I':>7s} {'damp O':>7s} {'proxy 2s':>9s} "
+                  f"{'proxy 1s':>9s} {'bits/w':>6s} {'s':>6s}"]
         for r in self.layers:
             lines.append(
                 f"{r.name:42s} {r.shape[0]:>5d}x{r.shape[1]:<5d} {r.tiles[0]:>2d}x{r.tiles[1]:<3d} "
@@ -87,6 +99,7 @@ class QuantReport:
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "bits_per_weight": self.bits_per_weight,
+                "coverage": None if self.coverage is None else asdict(self.coverage),
                 "layers": [asdict(r) for r in self.layers],
                 "finetune": [{"group": g, "error_before": a, "error_after": b} for g, a, b in self.finetune],
                 "finetune_e2e": None if self.finetune_e2e is None else dict(zip(("kl_before", "kl_after"), self.finetune_e2e))}
@@ -213,6 +226,18 @@ def _quantize_layer(
     return layer, report
 
 
+def _warn_untargeted(covered: Coverage) -> None:
+    """Warn of every decoder matrix left in float that the user did not skip, with why."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in covered.untargeted.items():
+        if not why.startswith("skipped"):
+            by_reason.setdefault(why, []).append(name)
+    if by_reason:
+        warnings.warn(f"{100 * covered.fraction:.1f}% of the decoder weights are quantization targets; left in float "
+                      "(not in QuantConfig.skip): " + "; ".join(f"{why}: {', '.join(names)}" for why, names in by_reason.items()),
+                      stacklevel=4)  # past torch.no_grad's wrapper of quantize
+
+
 def _open(source: str | os.PathLike | HessianFactors | None) -> HessianFactors | None:
     if source is None or isinstance(source, HessianFactors):
         return source
@@ -309,20 +334,36 @@ def _quantize_finetuned(model: nn.Module, targets: list[TargetModule], config: Q
                                        None if checkpoint is None else on_block)
 
 
+def _target_factors(t: TargetModule, config: QuantConfig, layer_factors: LayerFactors, factors: HessianFactors | None,
+                    device: torch.device) -> tuple[Tensor | None, Tensor | None, int | None, str | None]:
+    """A target's unnormalised ``(H_in, H_out)``, the calibration tokens that reached it, and for an MoE expert
+    below ``config.expert_min_tokens`` the fallback taken: the sum of the factors of the same matrix over the
+    layer's experts (``"shared"``), or none (``"rtn"``)."""
+    tokens = None if factors is None or t.name not in factors else factors.tokens(t.name)
+    if t.experts is None or tokens is None or tokens >= config.expert_min_tokens:
+        return (*layer_factors(t.name, device), tokens, None)
+    if config.expert_fallback == "rtn":
+        return None, None, tokens, "round to nearest"
+    pooled = [layer_factors(name, device) for name in t.pooled_names]
+    H_in, H_out = (None if any(p[side] is None for p in pooled) else sum(p[side] for p in pooled) for side in (0, 1))
+    return H_in, H_out, tokens, f"factors shared by the layer's {len(pooled)} experts"
+
+
 def _quantize_target(t: TargetModule, config: QuantConfig, quantizer: Codebook, layer_factors: LayerFactors,
-                     moments: HessianFactors | None) -> tuple[QuantizedLinear, LayerReport]:
+                     factors: HessianFactors | None, moments: HessianFactors | None) -> tuple[QuantizedLinear, LayerReport]:
     """One target's QuantizedLinear (from its current weight) and report; errors name the layer."""
     W0 = weight_matrix(t.module).float()
-    H_in, H_out = layer_factors(t.name, W0.device)
+    H_in, H_out, tokens, fallback = _target_factors(t, config, layer_factors, factors, W0.device)
     stats = {"R": None if moments is None else moments.load(t.name, W0.device)[0],
              "x_abs": None if moments is None else moments.abs_mean(t.name, W0.device)}
     try:
-        return _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
-                               _normalised(H_in, t.name, "H_in"), _normalised(H_out, t.name, "H_out"), stats)
+        layer, report = _quantize_layer(W0, getattr(t.module, "bias", None), t.name, config, quantizer,
+                                        _normalised(H_in, t.name, "H_in"), _normalised(H_out, t.name, "H_out"), stats)
     except (ValueError, torch.linalg.LinAlgError) as e:
         if str(e).startswith(f"layer {t.name}:"):
             raise
         raise type(e)(f"layer {t.name}: {e}") from e
+    return layer, replace(report, tokens=tokens, fallback=fallback)
 
 
 @torch.no_grad()
@@ -382,9 +423,13 @@ def quantize(
         raise ValueError(f"input_moments: {input_moments.path} is a Sketch {input_moments.sketch} collection; the "
                          "low-rank statistics need one made with sketch='input' (yaqa collect --sketch input)")
     _check_lowrank_statistics(config, hessians, input_moments, sketch if needs_factors and hessians is None else None)
-    targets = [t for t in find_targets(model) if not config.skips(t.name)]
+    unfuse_experts(model)
+    candidates = find_targets(model)
+    targets = [t for t in candidates if not config.skips(t.name)]
     if not targets:
         raise ValueError("every linear layer is skipped (config.skip); nothing to quantize")
+    covered = coverage(model, targets, [t.name for t in candidates if config.skips(t.name)])
+    _warn_untargeted(covered)
     tmp = None
     if needs_factors and hessians is None:
         if collect_dir is None:
@@ -409,7 +454,7 @@ def quantize(
 
         def quantize_group(group: list[TargetModule]) -> None:
             for t in group:
-                layer, report = _quantize_target(t, config, quantizer, layer_factors, moments)
+                layer, report = _quantize_target(t, config, quantizer, layer_factors, factors, moments)
                 replace_module(model, t.name, layer)
                 modules[t.name] = layer.spec()
                 reports.append(report)
@@ -434,8 +479,9 @@ def quantize(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    config = replace(config, modules=modules)
+    config = replace(config, modules=modules,
+                     routed_experts=[n for n, m in model.named_modules() if isinstance(m, RoutedExperts)])
     if hasattr(model, "config"):
         model.config.quantization_config = YaqaHfConfig.of(config)
         mark_quantized(model.config)
-    return QuantReport(config, reports, finetuned, e2e)
+    return QuantReport(config, reports, covered, finetuned, e2e)
