@@ -12,7 +12,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import FAMILIES, MOE_FAMILIES, tiny_family, tiny_model
+from packaging import version
 from transformers import AutoModelForCausalLM
 
 from yaqa_ext import QuantConfig, QuantizedLinear, collect_hessians, load_hessians, quantize
@@ -232,7 +234,14 @@ def test_collect_quantize_save_reload_gives_identical_logits(family, tmp_path):
     assert len(report.layers) == sum(isinstance(m, QuantizedLinear) for m in model.modules()) > 0
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "q")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    try:
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    except ValueError as e:
+        # Older releases (5.0) merge the per-expert float weights of some families (Qwen2-MoE's mapping) into fused
+        # tensors on load: refused by name, never loaded wrongly; the tested release loads them.
+        assert skip and version.parse(transformers.__version__) < version.parse("5.17"), e
+        assert re.search(r"experts\.1\.down_proj\.weight .*merges per-expert weights", str(e)), e
+        return
     torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=0)
     if family in MOE_FAMILIES:
         routed = report.config.routed_experts
@@ -266,3 +275,22 @@ def test_datafree_pairs_come_from_the_registry():
     finally:
         ARCHITECTURES.pop("llama", None)
     assert find_partners(model, find_targets(model)) == default
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_experts_left_wholly_in_float_keep_the_architectures_module(family, tmp_path):
+    """Skipping every expert of a layer leaves that layer's experts in the architecture's own fused module (the
+    checkpoint layout every transformers release loads) while the other layer's are quantized per expert."""
+    model = tiny_family(family)
+    ids = tokens_for(model)
+    fused = model.model.layers[0].mlp.experts
+    report = quantize(model, QuantConfig(method="rtn", bits=4, skip=[r"layers\.0\.mlp\.experts\."]), progress=False)
+    assert model.model.layers[0].mlp.experts is not fused and is_fused_experts(model.model.layers[0].mlp.experts)
+    assert all(torch.equal(a, b) for a, b in zip(model.model.layers[0].mlp.experts.parameters(), fused.parameters()))
+    assert report.config.routed_experts == ["model.layers.1.mlp.experts"]
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert is_fused_experts(again.model.layers[0].mlp.experts)
+    assert isinstance(again.model.layers[1].mlp.experts, RoutedExperts)
+    torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=0)

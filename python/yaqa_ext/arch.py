@@ -9,7 +9,7 @@ A model family is described by an :class:`Architecture`; :func:`register_archite
 
 MoE experts: transformers stores an MoE layer's experts as fused parameters (``gate_up_proj`` of shape
 (experts, 2 * intermediate, hidden), ``down_proj``, optional biases; transposed or gate/up interleaved in some
-families, as the experts class declares through ``has_gate`` / ``has_bias`` / ``is_transposed``). To quantize
+families, as the experts class declares through ``has_bias`` / ``is_transposed``). To quantize
 them, :func:`unfuse_experts` replaces such a module by :class:`RoutedExperts`: one :class:`ExpertMLP` of
 ``nn.Linear`` layers per expert (views of the fused tensors, no copy), the same routed computation, and the
 architecture's own gate function. Each expert's matrices are then ordinary targets named
@@ -306,14 +306,18 @@ def _unsupported(module: nn.Module, key: str) -> str:
 # MoE experts
 
 
+def _fused(module: nn.Module, key: str) -> bool:
+    return isinstance(getattr(module, key, None), nn.Parameter) and getattr(module, key).dim() == 3
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers MoE experts module with fused 3-D weights (the standard experts
-    interface: ``num_experts``, ``has_gate``, ``down_proj`` and ``gate_up_proj`` or ``up_proj``)."""
-    if not hasattr(module, "has_gate") or not isinstance(getattr(module, "num_experts", None), int):
+    interface since transformers 5.0: ``num_experts``, ``_apply_gate`` over a 3-D ``gate_up_proj``, or
+    ``act_fn`` over ``up_proj``, then ``down_proj``)."""
+    if not isinstance(getattr(module, "num_experts", None), int) or not _fused(module, "down_proj"):
         return False
-    first = "gate_up_proj" if module.has_gate else "up_proj"
-    return all(isinstance(getattr(module, k, None), nn.Parameter) and getattr(module, k).dim() == 3
-               for k in (first, "down_proj"))
+    return (_fused(module, "gate_up_proj") and hasattr(module, "_apply_gate")) or (
+        _fused(module, "up_proj") and hasattr(module, "act_fn"))
 
 
 def _expert_linear(weight: Tensor, bias: Tensor | None, transposed: bool) -> nn.Linear:
@@ -370,7 +374,7 @@ class RoutedExperts(nn.ModuleList):
         """The routed form of a fused experts module; its linears view the fused tensors (no copy)."""
         if not is_fused_experts(module):
             raise TypeError(f"{type(module).__name__} is not a fused MoE experts module (see is_fused_experts)")
-        first = "gate_up_proj" if module.has_gate else "up_proj"
+        first = "gate_up_proj" if _fused(module, "gate_up_proj") else "up_proj"
         transposed, has_bias = bool(getattr(module, "is_transposed", False)), bool(getattr(module, "has_bias", False))
         params = dict(module.named_parameters(recurse=False))
         experts = [
@@ -396,9 +400,15 @@ class RoutedExperts(nn.ModuleList):
                 module.register_parameter(f"{key}_bias", nn.Parameter(b.to(dtype), requires_grad=False))
         return module
 
+    @property
+    def gated(self) -> bool:
+        """Whether each expert's first matrix is a fused [gate; up] (else an up projection and an activation)."""
+        return self[0].first_name == "gate_up_proj"
+
     def gate_up_halves(self) -> tuple[slice, slice]:
         """The rows of the gate and of the up projection within each expert's fused ``gate_up_proj``: the first and
-        second halves, or the even and odd rows where the architecture interleaves them (gpt-oss)."""
+        second halves, or the even and odd rows where the experts class declares them interleaved
+        (``is_concatenated=False``, gpt-oss; releases of transformers without the flag get halves)."""
         if getattr(self.shell, "is_concatenated", True):
             size = self[0].down_proj.in_features
             return slice(0, size), slice(size, 2 * size)
@@ -429,7 +439,7 @@ class RoutedExperts(nn.ModuleList):
 
     def _expert(self, expert: ExpertMLP, x: Tensor) -> Tensor:
         h = expert.first(x)
-        h = self.shell._apply_gate(h) if self.shell.has_gate else self.shell.act_fn(h)
+        h = self.shell._apply_gate(h) if self.gated else self.shell.act_fn(h)
         return expert.down_proj(h)
 
 
@@ -453,10 +463,11 @@ def unfuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str
     return list(names)
 
 
-def fuse_experts(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
-    """Undo :func:`unfuse_experts`: every :class:`RoutedExperts` back to the architecture's module, with its current
-    weights in ``dtype`` (see :meth:`RoutedExperts.fused`), in place; the names of the modules replaced."""
-    names = [n for n, m in model.named_modules() if isinstance(m, RoutedExperts)]
+def fuse_experts(model: nn.Module, dtype: torch.dtype | None = None, names: list[str] | None = None) -> list[str]:
+    """Undo :func:`unfuse_experts`: each :class:`RoutedExperts` (``names``, default all) back to the architecture's
+    module, with its current weights in ``dtype`` (see :meth:`RoutedExperts.fused`), in place; the names replaced."""
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, RoutedExperts)]
     for name in names:
         replace_module(model, name, model.get_submodule(name).fused(dtype))
     return names

@@ -79,7 +79,7 @@ def _expert_partners(targets: list[TargetModule]) -> dict[str, Partner]:
         head = t.name.rpartition(f".{t.expert}.")[0]
         first, second = f"{head}.{t.expert}.{t.experts[t.expert].first_name}", f"{head}.{t.expert}.down_proj"
         if first in names and second in names:
-            halves = t.experts.gate_up_halves() if t.experts.shell.has_gate else None
+            halves = t.experts.gate_up_halves() if t.experts.gated else None
             kind = "mlp" if halves is None else "gate_up"
             out[first], out[second] = Partner("first", second, kind, None, halves), Partner("second", first, kind, None, halves)
     return out

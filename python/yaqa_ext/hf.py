@@ -202,6 +202,19 @@ def _not_loaded(module: nn.Module) -> list[str]:
     return [k for k, b in module.named_buffers(recurse=False) if not getattr(b, "_is_hf_initialized", False)]
 
 
+def _check_float_experts_loaded(name: str, experts: nn.Module) -> None:
+    """Raise ValueError unless every float weight of an MoE layer stored one matrix per expert was read from the
+    files (transformers releases that merge per-expert checkpoint weights into fused tensors on load leave them)."""
+    import transformers
+
+    for key, p in experts.named_parameters():
+        if not getattr(p, "_is_hf_initialized", False):
+            raise ValueError(f"{name}.{key} (an MoE expert kept in float beside quantized ones) was not read from the "
+                             f"folder: transformers {transformers.__version__} merges per-expert weights on load; load it "
+                             "with a newer transformers (tested: 5.17), or quantize the model with every expert of that "
+                             "layer quantized (or none)")
+
+
 class YaqaHfQuantizer(HfQuantizer):
     """Loads models saved after :func:`yaqa_ext.quantize`: swaps each quantized module for an empty
     :class:`QuantizedLinear` of the recorded shape before the weights are read. Given a config for a model
@@ -248,6 +261,8 @@ class YaqaHfQuantizer(HfQuantizer):
             module = model.get_submodule(name)
             module.check_buffers(name, spec, _not_loaded(module))
             module.process_weights_after_loading()
+        for name in self.quantization_config.routed_experts:
+            _check_float_experts_loaded(name, model.get_submodule(name))
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -21,8 +21,8 @@ from .codebooks import Codebook, Grid
 from .hadamard import RHT
 from .data import prepare_tokens
 from .finetune import BlockCheckpoint, finetune_end_to_end, quantize_blocks
-from .arch import (Coverage, RoutedExperts, TargetModule, coverage, decoder_layers, find_targets, replace_module,
-                   unfuse_experts, weight_matrix)
+from .arch import (Coverage, RoutedExperts, TargetModule, coverage, decoder_layers, find_targets, fuse_experts,
+                   replace_module, unfuse_experts, weight_matrix)
 from .hessians import TWO_SIDED_SKETCHES, HessianFactors, _fingerprint, _mix, collect_hessians, load_hessians
 from .config import QuantConfig
 from .hf import YaqaHfConfig, mark_quantized
@@ -479,6 +479,9 @@ def quantize(
     finally:
         if tmp is not None:
             tmp.cleanup()
+    # Experts left wholly in float go back to the architecture's module (the checkpoint layout every transformers loads)
+    fuse_experts(model, names=[n for n, m in model.named_modules()
+                               if isinstance(m, RoutedExperts) and not any(isinstance(x, QuantizedLinear) for x in m.modules())])
     config = replace(config, modules=modules,
                      routed_experts=[n for n, m in model.named_modules() if isinstance(m, RoutedExperts)])
     if hasattr(model, "config"):
