@@ -161,7 +161,7 @@ def random_layer(m: int, n: int, bits: int, L: int, seed: int) -> tuple[Tensor, 
     return layer.qweight, layer.scales, grid.decode(codes)
 
 
-@pytest.mark.parametrize(("bits", "L"), [(1, 12), (2, 12), (3, 12), (4, 12), (2, 16)])
+@pytest.mark.parametrize(("bits", "L"), [(1, 12), (2, 12), (3, 12), (4, 12), (2, 16), (1, 20), (3, 18), (4, 20)])
 @pytest.mark.parametrize(("m", "n"), [(32, 48), (576, 576), (1536, 576)])
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_matmul_matches_dequantize_then_matmul(bits, L, m, n, tokens):
