@@ -23,9 +23,12 @@ struct TrellisScratch {
   std::vector<uint8_t> back;
 };
 
+// Inlined into trellis_viterbi, which the CPU backend compiles per vector target (csrc/cpu/rounding.cpp).
+#define YAQA_TRELLIS_INLINE inline __attribute__((always_inline))
+
 // One step's best predecessors: best[j] = min_q cost[(j << k) | q] and its q (the first on ties).
 template <int K>
-inline void trellis_best_predecessors(const float* cost, int64_t J, float* best, uint8_t* back) {
+YAQA_TRELLIS_INLINE void trellis_best_predecessors(const float* cost, int64_t J, float* best, uint8_t* back) {
   for (int64_t j = 0; j < J; ++j) {
     const float* c = cost + (j << K);
     float b = c[0];
@@ -43,7 +46,7 @@ inline void trellis_best_predecessors(const float* cost, int64_t J, float* best,
 // The stream (T + p symbols, each < 2^k) of least weighted squared error sum_t w[t] (y[t] - table[state_t])^2 for
 // targets y (T), weights w > 0.
 template <int K>
-inline void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
+YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
                               TrellisScratch& s, uint8_t* symbols) {
   constexpr int64_t Q = int64_t{1} << K;
   const int64_t S = int64_t{1} << L, J = S >> K, p = (L - K) / K;
@@ -80,16 +83,9 @@ inline void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t
   for (int64_t i = 0; i <= p; ++i) symbols[i] = static_cast<uint8_t>((state >> (K * i)) & (Q - 1));
 }
 
-inline void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
-                            TrellisScratch& s, uint8_t* symbols) {
-  switch (k) {
-    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols);
-    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols);
-    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols);
-    case 4: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
-    default: TORCH_CHECK_VALUE(false, "trellis codes: bits must be 1 to 4, got ", k);
-  }
-}
+// trellis_viterbi_k for k = bits (1 to 4); defined in csrc/cpu/rounding.cpp.
+void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
+                     TrellisScratch& s, uint8_t* symbols);
 
 // The state of weight t from a unit's symbols: stream symbols t .. t + p, little-endian.
 inline int64_t trellis_state(const uint8_t* symbols, int64_t t, int64_t p, int64_t k) {

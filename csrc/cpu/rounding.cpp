@@ -9,8 +9,22 @@
 
 #include "../ops.h"
 #include "../rounding.h"
+#include "vector_clones.h"
 
 namespace yaqa {
+
+// The Viterbi search of trellis codes (csrc/trellis.h), its loops over the 2^L states compiled for AVX2 and baseline.
+YAQA_VECTOR_CLONES void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k,
+                                        const float* table, TrellisScratch& s, uint8_t* symbols) {
+  switch (k) {
+    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols);
+    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols);
+    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols);
+    case 4: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
+    default: TORCH_CHECK_VALUE(false, "trellis codes: bits must be 1 to 4, got ", k);
+  }
+}
+
 namespace {
 
 // Rounds W (m x n, contiguous fp32) into W_hat and the codebook's codes cd; L_in / L_out contiguous or undefined.
