@@ -113,7 +113,9 @@ def test_run_pipeline_is_resumable(shared, tmp_path, capsys):
     second = capsys.readouterr().out
     assert "bit seed" not in second and "factors for" not in second and "| 4 | yaqa-B |" in second
     assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
-    for changed, name in ((["--n-seqs", "16"], "n_seqs"), (["--tile", "4"], "td_x, td_y")):
+    (tmp_path / "own.txt").write_text(" ".join(json.loads((tmp_path / "results.json").read_text())["model"] for _ in range(3000)))
+    for changed, name in ((["--n-seqs", "16"], "n_seqs"), (["--tile", "4"], "td_x, td_y"),
+                          (["--data", str(tmp_path / "own.txt")], "calibration")):
         with pytest.raises(SystemExit):  # rows of other settings are never mixed into one table
             main(args[:-2] + changed + args[-2:])
         assert f"differing: {name}" in capsys.readouterr().err
@@ -267,3 +269,27 @@ def test_moe_model_collect_reports_expert_tokens_and_quantize_falls_back(shared,
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert isinstance(model.model.layers[0].mlp.experts, RoutedExperts)
     assert isinstance(model.model.layers[0].mlp.experts[3].down_proj, QuantizedLinear)
+
+
+def test_collect_reads_json_lines_with_a_text_field(shared, tmp_path, capsys):
+    """The same texts as a JSON Lines file (field 'body', --text-field) and as a folder of *.txt give the same
+    factors, bit for bit; a missing field is one line naming it."""
+    from yaqa_ext.data import corpus_texts
+    from yaqa_ext.hessians import load_hessians
+
+    texts = [t[:2000] for t in corpus_texts("calibration")[:6]]
+    (tmp_path / "texts").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "texts" / f"{i:02d}.txt").write_text(t)
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    common = ["collect", "--sketch", "input", "--n-seqs", "4", "--seq-len", "64", "--layers", "0", "--device", "cpu"]
+    assert main([*common, "--data", str(tmp_path / "texts"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--data", str(tmp_path / "data.jsonl"), "--text-field", "body", "--out", str(tmp_path / "b")]) == 0
+    a, b = load_hessians(tmp_path / "a"), load_hessians(tmp_path / "b")
+    assert a.manifest["fingerprint"] == b.manifest["fingerprint"]
+    for name in a.modules:
+        assert torch.equal(a.load(name)[0], b.load(name)[0]), name
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c")])
+    assert exit_info.value.code == 2
+    assert "record 1: no text or conversation in field 'text' (it has ['body'])" in capsys.readouterr().err

@@ -87,8 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                          "run the same command again after an interruption. Under torchrun every rank takes "
                          "its share of the sequences.")
     col.add_argument("--model", default=DEFAULT_MODEL, help="llama2.c folder, HF folder or hub id (default: %(default)s)")
-    col.add_argument("--data", default=None, help="text file or folder of *.txt (default: the shared calibration corpus, "
-                     "State of the Union addresses up to 1950)")
+    _data_arguments(col, "the shared calibration corpus, State of the Union addresses up to 1950")
     col.add_argument("--out", type=_folder, required=True, help="output folder")
     col.add_argument("--sketch", choices=["B", "A", "input", "B-lw"], default="B",
                      help="B-lw: Sketch B plus what shrinks it toward its per-token part, for few sequences "
@@ -123,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     qua.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: %(default)s)")
     _quantizer_argument(qua)
     qua.add_argument("--hessians", default=None, help="folder from `yaqa collect` (default: collect from --data first)")
-    qua.add_argument("--data", default=None, help="calibration text when collecting (default: the shared calibration corpus)")
+    _data_arguments(qua, "the shared calibration corpus; used when collecting or fine-tuning")
     qua.add_argument("--n-seqs", type=int, default=128, help="calibration sequences when collecting (default: %(default)s)")
     qua.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
     qua.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: one scale per output row)")
@@ -154,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="KL(original || quantized) and perplexities on held-out text")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="the original model (default: %(default)s)")
     ev.add_argument("--quant", required=True, help="the quantized model's folder (from `yaqa quantize`)")
-    ev.add_argument("--data", default=None, help="text (default: the shared evaluation corpus)")
+    _data_arguments(ev, "the shared evaluation corpus")
     ev.add_argument("--n-seqs", type=int, default=64, help="default: %(default)s")
     ev.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
     ev.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
@@ -174,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
     run.add_argument("--eval-seqs", type=int, default=64, help="default: %(default)s")
     run.add_argument("--eval-len", type=int, default=256, help="default: %(default)s")
+    _data_arguments(run, "the shared calibration corpus; evaluation is always on the shared evaluation corpus")
     run.add_argument("--no-rht", action="store_true", help="quantize without the random Hadamard transform")
     run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
@@ -181,6 +181,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
     _rounding_arguments(run)
     return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--data", default=None,
+                        help=f"text file, folder of *.txt, JSON Lines / JSON file, or a Hugging Face dataset name "
+                             f"(needs `datasets`) (default: {default})")
+    parser.add_argument("--text-field", default="text",
+                        help="the records' field (or dataset column) holding the text or conversation (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="a named dataset's split (default: %(default)s)")
+    parser.add_argument("--dataset-config", default=None, help="a named dataset's configuration")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="put each text (as a user turn) and conversation through the tokenizer's chat template")
+
+
+def _text_data(args: argparse.Namespace, split: str):
+    """The --data options as a TextData, or the shared corpus's ``split`` when no --data is given."""
+    from .data import TextData, corpus_texts
+
+    if args.data is None:
+        return TextData(corpus_texts(split), chat_template=args.chat_template)
+    return TextData(args.data, args.text_field, args.split, args.dataset_config, args.chat_template)
 
 
 def _quantizer_argument(parser: argparse.ArgumentParser) -> None:
@@ -203,7 +224,6 @@ def _rounding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _collect(args: argparse.Namespace) -> None:
-    from .data import corpus_texts
     from .hessians import collect_hessians, load_hessians
     from .models import load_model
 
@@ -213,7 +233,7 @@ def _collect(args: argparse.Namespace) -> None:
         if args.device == "cuda":
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    data = args.data if args.data is not None else corpus_texts("calibration")
+    data = _text_data(args, "calibration")
     out = collect_hessians(
         model, data, args.out, tokenizer=tokenizer, sketch=args.sketch, power_iters=args.power_iters,
         n_seqs=args.n_seqs, seq_len=args.seq_len, batch_size=args.batch_size, layers=args.layers,
@@ -233,7 +253,6 @@ def _collect(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from .data import corpus_texts
     from .config import QuantConfig
     from .models import load_model
     from .quantize import quantize
@@ -250,7 +269,7 @@ def _quantize(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     needs_data = ((METHODS[args.method].needs_data and not args.hessians) or args.finetune_epochs > 0
                   or args.finetune_e2e_epochs > 0)
-    data = (args.data or corpus_texts("calibration")) if needs_data else None
+    data = _text_data(args, "calibration") if needs_data else None
     collect_dir = out / "hessians"  # a killed run resumes its collection from here
     blocks_dir = out / FINETUNE_STATE  # and its fine-tuned blocks from here
     report = quantize(model, config, hessians=args.hessians, data=data, input_moments=args.input_moments,
@@ -287,14 +306,13 @@ def _previous_output(out: Path) -> set[str]:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .data import corpus_texts
     from .evaluation import evaluate
     from .hf import dequantize
     from .models import load_model
 
     orig, tokenizer = load_model(args.model, device=args.device)
     quant, _ = load_model(args.quant, device=args.device, with_tokenizer=False)  # the original's tokenizer is used
-    data = args.data if args.data is not None else corpus_texts("evaluation")
+    data = _text_data(args, "evaluation")
     # The dense twin computes the same function as the quantized layers (to fp32 rounding), faster.
     r = evaluate(orig, dequantize(quant), data, tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len)
     print(f"KL(orig || quant) = {r.kl:.5f} nats/token over {r.tokens} tokens; perplexity {r.ppl_orig:.3f} (original) "
@@ -348,7 +366,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             config["rounding_scale_search"] = True
         run_pipeline(args.model, out, methods=args.methods, bits=args.bits, seeds=args.seeds, n_seqs=args.n_seqs,
                      seq_len=args.seq_len, eval_seqs=args.eval_seqs, eval_len=args.eval_len, device=args.device,
-                     config=config)
+                     config=config,
+                     calibration=_text_data(args, "calibration") if args.data is not None or args.chat_template else None)
 
 
 if __name__ == "__main__":

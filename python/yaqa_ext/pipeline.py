@@ -4,13 +4,14 @@ and tabulate KL, perplexity, bits/weight and time. Resumable: finished rows are 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import statistics
 import time
 from pathlib import Path
 
-from .data import corpus_texts, prepare_tokens
+from .data import TextData, corpus_texts, prepare_tokens
 from .evaluation import evaluate, reference_logits
 from .fileio import atomic_write_text
 from .hessians import TWO_SIDED_SKETCHES, collect_hessians
@@ -70,13 +71,23 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_settings(config: dict | None, **run: int) -> dict:
+def run_settings(config: dict | None, **run: int | str | None) -> dict:
     """What makes two runs' rows comparable: the run's sizes and every QuantConfig field the methods share
     (the defaults included, so a change of default is not mixed into old results)."""
     shared = QuantConfig(**(config or {})).to_dict()
-    for key in ("method", "bits", "seed", "lowrank_rank", "lowrank_method", "modules"):
+    for key in ("method", "bits", "seed", "lowrank_rank", "lowrank_method", "modules", "routed_experts"):
         shared.pop(key)
     return {**run, **shared}
+
+
+def _describe(data: TextData) -> str:
+    """What identifies a calibration source in saved results: its path or name (a list: a hash of its samples) and
+    how it is read."""
+    source = data.source
+    if not isinstance(source, (str, os.PathLike)):
+        source = "sha256:" + hashlib.sha256(json.dumps(data.samples(), sort_keys=True).encode()).hexdigest()[:16]
+    return (f"{source} (text_field {data.text_field}, split {data.split}, config {data.config}, "
+            f"chat_template {data.chat_template})")
 
 
 def _differing(saved: dict, current: dict) -> list[str]:
@@ -117,13 +128,15 @@ def run_pipeline(
     batch_size: int = 8,
     device: str = "cpu",
     config: dict | None = None,
+    calibration: TextData | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Run (or resume) the experiment; writes ``results.json`` and ``results.md`` into ``out_dir``.
 
     ``methods``: experiment names of the registered methods (:func:`yaqa_ext.methods.pipeline_methods`;
     default: all), each optionally with a low-rank term (``"yaqa-B+kl:8"``, see :func:`parse_method`). ``config``: further :class:`QuantConfig` fields for
-    every method (e.g. ``{"rht": False}``).
+    every method (e.g. ``{"rht": False}``). ``calibration``: the calibration text (default: the shared corpus's
+    State of the Union addresses to 1950); evaluation is on the shared corpus's later addresses and Moby-Dick.
     """
     methods = list(pipeline_methods()) if methods is None else methods
     parsed = {m: parse_method(m) for m in methods}
@@ -135,7 +148,7 @@ def run_pipeline(
     results_path = out / "results.json"
     rows: list[dict] = []
     settings = run_settings(config, n_seqs=n_seqs, seq_len=seq_len, eval_seqs=eval_seqs, eval_len=eval_len,
-                            batch_size=batch_size)
+                            batch_size=batch_size, calibration=None if calibration is None else _describe(calibration))
     if results_path.exists():
         saved = json.loads(results_path.read_text())
         changed = _differing(saved.get("settings") or {}, settings)
@@ -146,10 +159,11 @@ def run_pipeline(
     done = {(r["method"], r["bits"], r["seed"]) for r in rows}
 
     model, tokenizer = load_model(model_name, device=device)
-    calibration = prepare_tokens(corpus_texts("calibration"), tokenizer, n_seqs, seq_len)
+    source = "State of the Union to 1950" if calibration is None else _describe(calibration)
+    calibration = prepare_tokens(calibration or corpus_texts("calibration"), tokenizer, n_seqs, seq_len)
     evaluation = prepare_tokens(corpus_texts("evaluation"), tokenizer, eval_seqs, eval_len)
     print(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; calibration "
-          f"{n_seqs} x {seq_len} tokens (State of the Union to 1950), evaluation {eval_seqs} x {eval_len} tokens "
+          f"{n_seqs} x {seq_len} tokens ({source}), evaluation {eval_seqs} x {eval_len} tokens "
           "(later addresses, Moby-Dick)")
 
     # The original's logits on the evaluation tokens, computed once for every row when they fit the budget.
