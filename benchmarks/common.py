@@ -10,6 +10,10 @@ from collections.abc import Callable
 
 import torch
 
+from yaqa_ext.models import use_default_shared
+
+use_default_shared()  # every benchmark reads the shared models and corpus: ../shared unless YAQA_SHARED is set
+
 
 def median_seconds(fn: Callable[[], object], device: str, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from yaqa_ext import QuantConfig, collect_hessians, evaluate, load_hessians, quantize
-from yaqa_ext.models import load_model
+from yaqa_ext.models import load_model, use_default_shared
 from yaqa_ext.qlinear import QuantizedLinear
 
 
@@ -40,6 +40,7 @@ def _factor_difference(a: Path, b: Path) -> float:
 
 
 def main() -> None:
+    use_default_shared()  # the shared models and corpus: ../shared unless YAQA_SHARED is set
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="stories260K")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])

@@ -18,7 +18,7 @@ import torch
 
 from yaqa_ext import QuantConfig, collect_hessians, dequantize, evaluate, quantize
 from yaqa_ext.data import corpus_texts, prepare_tokens
-from yaqa_ext.models import load_model
+from yaqa_ext.models import load_model, use_default_shared
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -31,6 +31,7 @@ def digest(model: torch.nn.Module) -> str:
 
 
 def main(out: Path) -> None:
+    use_default_shared()  # the shared models and corpus: ../shared unless YAQA_SHARED is set
     torch.set_num_threads(1)
     model, tok = load_model("smollm2-135m")
     calibration = prepare_tokens(corpus_texts("calibration"), tok, 16, 128)

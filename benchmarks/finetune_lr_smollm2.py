@@ -17,13 +17,14 @@ from yaqa_ext import QuantConfig, quantize
 from yaqa_ext.data import corpus_texts, prepare_tokens
 from yaqa_ext.evaluation import evaluate
 from yaqa_ext.hf import dequantize
-from yaqa_ext.models import load_model
+from yaqa_ext.models import load_model, use_default_shared
 
 FACTORS = "yaqa_out/quality-smollm2-hessians/input-seed1"
 FIRST_FOUR = [r"layers\.([4-9]|[1-2][0-9])\."]  # skip blocks 4..29
 
 
 def main(settings: list[str]) -> None:
+    use_default_shared()  # the shared models and corpus: ../shared unless YAQA_SHARED is set
     model, tokenizer = load_model("smollm2-135m")
     calibration = prepare_tokens(corpus_texts("calibration"), tokenizer, 32, 512)
     held_out = prepare_tokens(corpus_texts("evaluation"), tokenizer, 16, 256)

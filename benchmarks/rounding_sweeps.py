@@ -17,7 +17,7 @@ from yaqa_ext.hadamard import RHT
 from yaqa_ext.arch import find_targets, weight_matrix
 from yaqa_ext.hessians import load_hessians
 from yaqa_ext.ldl import block_ldl
-from yaqa_ext.models import load_model
+from yaqa_ext.models import load_model, use_default_shared
 from yaqa_ext.rounding import ldlq_round, proxy_loss
 
 SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
@@ -32,6 +32,7 @@ def relative_proxy(Wt, Hi, Ho, grid, damp: float) -> float:
 
 
 def main(root: str = "yaqa_out/quality-smollm2-hessians") -> None:
+    use_default_shared()  # the shared models and corpus: ../shared unless YAQA_SHARED is set
     model, _ = load_model("smollm2-135m")
     print("| factors | layer | " + " | ".join(f"scale x{s}" for s in SCALES) + " | "
           + " | ".join(f"sigma {d:g}" for d in DAMPINGS) + " |")

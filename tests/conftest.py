@@ -20,6 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+os.environ.setdefault("YAQA_SHARED", str(SHARED))  # the library reads the shared folder from here only
 
 CUDA_OK = torch.cuda.is_available() and yaqa_ext.WITH_CUDA
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build"))]

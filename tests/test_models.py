@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from reference import llama2c_reference_logits
@@ -100,3 +103,23 @@ def test_saved_quantized_llama2c_folder_has_an_autotokenizer_and_eval_needs_none
     tokenizer.save_pretrained(tmp_path / "q")
     again = AutoTokenizer.from_pretrained(tmp_path / "q")
     assert again.encode("Once upon a time") == tokenizer.encode("Once upon a time")
+
+
+def test_the_library_reads_the_shared_folder_only_from_yaqa_shared(shared, monkeypatch, tmp_path):
+    """Without $YAQA_SHARED the library finds no shared folder (it walks no parent folders); the command line's
+    use_default_shared sets it to ../shared beside the current folder, and bare names then resolve there."""
+    from yaqa_ext.data import corpus_texts
+    from yaqa_ext.models import _resolve, shared_dir, use_default_shared
+
+    monkeypatch.delenv("YAQA_SHARED")
+    monkeypatch.chdir(Path(__file__).parents[1])  # the repository, beside ../shared
+    for call in (shared_dir, lambda: corpus_texts("calibration")):
+        with pytest.raises(FileNotFoundError, match="set YAQA_SHARED"):
+            call()
+    assert _resolve("stories260K") == "stories260K"  # not a local model without it: a hub id
+    monkeypatch.chdir(tmp_path)  # no ../shared here: the source tree's is found
+    assert use_default_shared() == shared and os.environ["YAQA_SHARED"] == str(shared)
+    assert shared_dir() == Path(os.environ["YAQA_SHARED"]) and _resolve("stories260K").endswith("models/stories260K")
+    monkeypatch.setenv("YAQA_SHARED", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="holds no models/ folder"):
+        shared_dir()

@@ -17,7 +17,7 @@ from .config import EXPERT_FALLBACKS
 from .fileio import publish_files
 from .lowrank import LOWRANK_METHODS
 from .methods import METHODS, pipeline_methods
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, use_default_shared
 
 __all__ = ["main"]
 
@@ -320,6 +320,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_default_shared()  # the demo models and corpus: ../shared unless YAQA_SHARED says otherwise
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

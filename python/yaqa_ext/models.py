@@ -11,23 +11,34 @@ import torch
 from .fileio import atomic_dir
 from .llama2c import find_llama2c_checkpoint, find_sentencepiece_model, llama2c_problem, load_llama2c, sentencepiece_tokenizer
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "find_gguf", "gguf_as_hf", "load_model", "shared_dir"]
+__all__ = ["DEFAULT_MODEL", "cache_dir", "find_gguf", "gguf_as_hf", "load_model", "shared_dir", "use_default_shared"]
 
 DEFAULT_MODEL = "stories260K"
 """The default model: ``<shared>/models/stories260K`` (a real llama2.c model, see shared_dir)."""
 
 
 def shared_dir() -> Path:
-    """The project's shared data folder: ``$YAQA_SHARED``, else ``../shared`` beside the repo or CWD."""
+    """The shared data folder (models by bare name, the demo corpus): ``$YAQA_SHARED``. The library looks nowhere
+    else; the ``yaqa`` command line sets it (:func:`use_default_shared`)."""
     env = os.environ.get("YAQA_SHARED")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd().parent / "shared", Path(__file__).resolve().parents[3] / "shared"]
-    for c in candidates:
-        if (c / "models").is_dir():
-            return c
-    raise FileNotFoundError(
-        "no shared data folder found (looked at " + ", ".join(str(c) for c in candidates) + "); set YAQA_SHARED"
-    )
+    if not env:
+        raise FileNotFoundError("no shared data folder: set YAQA_SHARED to a folder holding models/ and data/ (the yaqa "
+                                "command line finds ../shared beside the current folder or the source tree itself)")
+    if not (Path(env) / "models").is_dir():
+        raise FileNotFoundError(f"YAQA_SHARED={env} holds no models/ folder")
+    return Path(env)
+
+
+def use_default_shared() -> Path | None:
+    """For applications (the CLI, the benchmarks): unless ``$YAQA_SHARED`` is set, set it to ``../shared`` beside the
+    current folder or the source tree when one holds ``models/``; the folder used, or None."""
+    if os.environ.get("YAQA_SHARED"):
+        return Path(os.environ["YAQA_SHARED"])
+    for candidate in (Path.cwd().parent / "shared", Path(__file__).resolve().parents[3] / "shared"):
+        if (candidate / "models").is_dir():
+            os.environ["YAQA_SHARED"] = str(candidate)
+            return candidate
+    return None
 
 
 def _looks_local(name: str) -> bool:
@@ -43,10 +54,7 @@ def _resolve(name_or_path: str) -> str:
         raise ValueError("the model name is empty: pass a hub id, a folder or a file")
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
-    try:
-        local = shared_dir() / "models" / name_or_path
-    except FileNotFoundError:
-        local = None
+    local = Path(os.environ["YAQA_SHARED"]) / "models" / name_or_path if os.environ.get("YAQA_SHARED") else None
     if local is not None and local.exists():
         return str(local)
     if _looks_local(name_or_path):
@@ -124,8 +132,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     """``(model, tokenizer)`` for a llama2.c folder/file, a GGUF file (or a folder holding one), a
     local HF folder, or a hub id.
 
-    A bare name that matches a folder in ``<shared>/models`` is taken from there (``"stories260K"``,
-    ``"smollm2-135m"``). GGUF weights are dequantized by transformers (needs the ``gguf`` package)
+    A bare name that matches a folder in ``$YAQA_SHARED/models`` is taken from there (``"stories260K"``,
+    ``"smollm2-135m"``; see :func:`shared_dir`). GGUF weights are dequantized by transformers (needs the ``gguf`` package)
     into ``dtype``; that dequantized model is the original the quantized one is compared with.
     A llama2.c SentencePiece model becomes a transformers tokenizer (:func:`yaqa_ext.llama2c.sentencepiece_tokenizer`);
     ``with_tokenizer=False`` gives ``(model, None)`` (a folder saved without one).
