@@ -158,6 +158,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
     ev.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
 
+    exp = sub.add_parser("export", help="write a quantized model in a format serving engines load",
+                         description="Write a `yaqa quantize` folder in the compressed-tensors pack-quantized layout "
+                         "(vLLM, SGLang, transformers with the compressed-tensors package). Exports INT-grid layers "
+                         "without RHT, low-rank terms or fine-tuned channel scales: quantize with --asymmetric "
+                         "--no-rht (symmetric grids need --widen-symmetric: one more bit).")
+    exp.add_argument("--quant", required=True, help="the quantized model's folder (from `yaqa quantize`)")
+    exp.add_argument("--out", type=_folder, required=True, help="a new folder for the exported model")
+    exp.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors",
+                     help="default: %(default)s")
+    exp.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                     help="scales and unquantized weights (default: %(default)s)")
+    exp.add_argument("--widen-symmetric", action="store_true",
+                     help="export symmetric (midrise) b-bit grids exactly as symmetric (b + 1)-bit integers")
+
     run = sub.add_parser("run", help="the whole pipeline on a model: collect, quantize (rtn / ldlq / yaqa-A / "
                          "yaqa-B at 2, 3, 4 bits), evaluate, print the table",
                          description="Collect factors, quantize with every method and bit width, evaluate KL and "
@@ -319,6 +333,23 @@ def _eval(args: argparse.Namespace) -> None:
           f"-> {r.ppl_quant:.3f} (quantized)")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_compressed_tensors
+    from .models import load_model
+
+    model, _ = load_model(args.quant, with_tokenizer=False)
+    folder = Path(args.quant)
+    tokenizer = None
+    if folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    out = export_compressed_tensors(model, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype],
+                                    widen_symmetric=args.widen_symmetric)
+    print(f"{args.format} model written to {out}{'' if tokenizer else ' (no tokenizer in --quant: copy one beside it)'}; "
+          f"serve it with e.g. `vllm serve {out}`")
+
+
 def main(argv: list[str] | None = None) -> int:
     use_default_shared()  # the demo models and corpus: ../shared unless YAQA_SHARED says otherwise
     parser = _parser()
@@ -349,6 +380,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         _quantize(args)
     elif args.command == "eval":
         _eval(args)
+    elif args.command == "export":
+        _export(args)
     elif args.command == "run":
         from .pipeline import run_pipeline
 
