@@ -22,6 +22,7 @@ from .models import DEFAULT_MODEL, use_default_shared
 __all__ = ["main"]
 
 REPORT = "quantization_report.json"
+REPORT_CSV, REPORT_PLOT = "quantization_report.csv", "quantization_report.png"
 FINETUNE_STATE = "finetune-state"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -270,6 +271,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from .config import QuantConfig
     from .models import load_model
     from .quantize import quantize
+    from .report import layers_csv, plot_layer_proxies, plots_available
 
     config = QuantConfig(method=args.method, bits=args.bits, quantizer=args.quantizer, group_size=args.group_size, symmetric=not args.asymmetric,
                          rht=not args.no_rht, sigma_reg=args.sigma_reg, td_x=args.td_x, td_y=args.td_y, seed=args.seed,
@@ -295,6 +297,9 @@ def _quantize(args: argparse.Namespace) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         report.save(os.path.join(tmp, REPORT))
+        layers_csv(report.to_dict()["layers"], os.path.join(tmp, REPORT_CSV))
+        if plots_available():
+            plot_layer_proxies({config.summary(): report.to_dict()["layers"]}, os.path.join(tmp, REPORT_PLOT))
         written = {f.name for f in Path(tmp).iterdir()}
         for f in stale - written:  # the previous model's files that this one does not overwrite
             (out / f).unlink()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import prepare_tokens
+from .progress import progress_bar
 
 __all__ = ["EvalResult", "evaluate", "reference_logits"]
 
@@ -65,10 +66,16 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+def reference_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True
+                     ) -> list[torch.Tensor]:
     """The logits of ``tokens`` (n_seqs, seq_len) under ``model``, batch by batch as :func:`evaluate` cuts
     them: computed once, they stand in for the original model in every later evaluation on the same tokens."""
-    return [_logits(model, batch) for batch in tokens.split(batch_size)]
+    batches, logits = tokens.split(batch_size), []
+    with progress_bar(len(batches), "reference logits", "batch", enabled=progress) as bar:
+        for batch in batches:
+            logits.append(_logits(model, batch))
+            bar.update(1)
+    return logits
 
 
 @torch.no_grad()
@@ -82,6 +89,7 @@ def evaluate(
     seq_len: int = 256,
     batch_size: int = 8,
     orig_logits: list[torch.Tensor] | None = None,
+    progress: bool = True,
 ) -> EvalResult:
     """KL and perplexities over ``n_seqs`` sequences of ``seq_len`` tokens of ``data`` (deterministic: the
     first tokens of the data, cut in order; see :func:`yaqa_ext.data.prepare_tokens`); see
@@ -96,13 +104,15 @@ def evaluate(
         raise ValueError(f"orig_logits do not match the {tokens.size(0)} x {seq_len} tokens in batches of {batch_size}; "
                          "compute them with reference_logits() on the same tokens and batch_size")
     kl_sum, nll_orig, nll_quant = 0.0, 0.0, 0.0
-    for i, batch in enumerate(batches):
-        a = orig_logits[i] if orig_logits is not None else _logits(orig_model, batch)
-        b = _logits(quant_model, batch)
-        next_tokens = F.pad(batch[:, 1:], (0, 1), value=-1)  # the last position predicts nothing
-        for rows in zip(*(t.flatten(0, 1).split(_CHUNK) for t in (a, b)), next_tokens.flatten().split(_CHUNK)):
-            kl, nll_a, nll_b = _token_stats(*rows)
-            kl_sum, nll_orig, nll_quant = kl_sum + kl, nll_orig + nll_a, nll_quant + nll_b
+    with progress_bar(len(batches), "evaluate", "batch", enabled=progress) as bar:
+        for i, batch in enumerate(batches):
+            a = orig_logits[i] if orig_logits is not None else _logits(orig_model, batch)
+            b = _logits(quant_model, batch)
+            next_tokens = F.pad(batch[:, 1:], (0, 1), value=-1)  # the last position predicts nothing
+            for rows in zip(*(t.flatten(0, 1).split(_CHUNK) for t in (a, b)), next_tokens.flatten().split(_CHUNK)):
+                kl, nll_a, nll_b = _token_stats(*rows)
+                kl_sum, nll_orig, nll_quant = kl_sum + kl, nll_orig + nll_a, nll_quant + nll_b
+            bar.update(1)
     predicted = tokens.size(0) * (seq_len - 1)
     return EvalResult(
         kl=kl_sum / tokens.numel(),

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_dir", "atomic_save", "atomic_write_text", "publish_files"]
+__all__ = ["atomic_dir", "atomic_save", "atomic_write_bytes", "atomic_write_text", "publish_files"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,16 +34,21 @@ def atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: d
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Text written to a temporary file, flushed, then renamed."""
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Bytes written to a temporary file, flushed, then renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """UTF-8 text written to a temporary file, flushed, then renamed."""
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 @contextmanager

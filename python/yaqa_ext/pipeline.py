@@ -21,6 +21,7 @@ from .lowrank import INPUT_STAT_METHODS, LOWRANK_METHODS
 from .methods import pipeline_methods
 from .models import load_model
 from .quantize import quantize
+from .report import plots_available, write_pipeline_report
 
 __all__ = ["format_results", "parse_method", "run_pipeline"]
 
@@ -168,7 +169,7 @@ def run_pipeline(
 
     # The original's logits on the evaluation tokens, computed once for every row when they fit the budget.
     logits_bytes = evaluation.numel() * model.get_output_embeddings().weight.size(0) * model.dtype.itemsize
-    orig_logits = reference_logits(model, evaluation, batch_size) if logits_bytes <= REFERENCE_LOGITS_BUDGET else None
+    orig_logits = reference_logits(model, evaluation, batch_size, progress) if logits_bytes <= REFERENCE_LOGITS_BUDGET else None
 
     def factors(sketch: str, seed: int, method: str) -> Path:
         path = out / "hessians" / f"{sketch}-seed{seed}"
@@ -200,18 +201,31 @@ def run_pipeline(
                 # Evaluated with each layer's effective weight: the function QuantizedLinear computes (up to fp32
                 # rounding), at the speed of a dense layer.
                 result = evaluate(model, dequantize(qmodel), evaluation, batch_size=batch_size, n_seqs=eval_seqs,
-                                  seq_len=eval_len, orig_logits=orig_logits)
+                                  seq_len=eval_len, orig_logits=orig_logits, progress=progress)
                 row = {"method": method, "bits": b, "seed": seed, "kl": result.kl, "ppl_orig": result.ppl_orig,
                        "ppl_quant": result.ppl_quant, "bits_per_weight": report.bits_per_weight,
                        "quantize_seconds": seconds, "eval_tokens": result.tokens}
                 rows.append(row)
+                (out / "layers").mkdir(exist_ok=True)
+                atomic_write_text(json.dumps(report.to_dict()["layers"]), out / "layers" / _layers_file(method, b, seed))
                 print(f"  {method:7s} {b}-bit seed {seed}: KL {result.kl:.4f}, ppl {result.ppl_quant:.2f} "
                       f"(orig {result.ppl_orig:.2f}), {report.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
                 atomic_write_text(json.dumps({"model": model_name, "settings": settings, "rows": rows}, indent=2),
                                   results_path)
                 del qmodel
-    table = format_results([r for r in rows if r["method"] in methods and r["bits"] in bits and r["seed"] in seeds])
+    chosen = [r for r in rows if r["method"] in methods and r["bits"] in bits and r["seed"] in seeds]
+    table = format_results(chosen)
     atomic_write_text(table + "\n", out / "results.md")
     print(table)
+    layer_files = {f"{r['method']} {r['bits']} {r['seed']}": out / "layers" / _layers_file(r["method"], r["bits"], r["seed"])
+                   for r in chosen}
+    written = write_pipeline_report(chosen, {k: json.loads(f.read_text()) for k, f in layer_files.items() if f.exists()},
+                                    out)
+    print("report: " + ", ".join(str(f) for f in written) + ("" if plots_available() else
+                                                             " (pip install matplotlib for the plots)"))
     return rows
+
+
+def _layers_file(method: str, bits: int, seed: int) -> str:
+    return f"{method.replace(':', '_')}-{bits}bit-seed{seed}.json"
 
