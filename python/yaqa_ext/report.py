@@ -51,42 +51,46 @@ def plots_available() -> bool:
     return True
 
 
-def _figure():
+def _axes(size: tuple[float, float]):
+    """A figure and its axes, drawn without a display."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=size)
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str | os.PathLike) -> None:
+    """Log-scale y, the labels, title and legend, then the figure as a PNG file (atomically) and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
     atomic_write_bytes(buffer.getvalue(), path)
 
 
 def plot_layer_proxies(by_method: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, title: str = "") -> None:
     """Each layer's relative proxy error (two-sided where the method had both factors, else one-sided; log scale)
     in model order, one line per method: ``by_method`` maps a label to its per-layer table."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = _axes((10, 4.5))
     for label, layers in by_method.items():
         values = [layer.get("proxy_two_sided") or layer.get("proxy_one_sided") for layer in layers]
         ax.plot(range(len(values)), [float("nan") if v is None else v for v in values], label=label, linewidth=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (model order)")
-    ax.set_ylabel("relative proxy error")
-    ax.set_title(title or "per-layer proxy error: tr(dW H_I dW^T H_O) / tr(W H_I W^T H_O)")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, "layer (model order)", "relative proxy error",
+            title or "per-layer proxy error: tr(dW H_I dW^T H_O) / tr(W H_I W^T H_O)", path)
 
 
 def plot_kl_vs_bits(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "") -> None:
     """KL to the original against bits per weight, one line per method (mean over seeds; log scale)."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _axes((6, 4.5))
     for method in sorted({r["method"] for r in rows}):
         points: dict[int, list[Mapping]] = {}
         for r in rows:
@@ -95,13 +99,7 @@ def plot_kl_vs_bits(rows: Sequence[Mapping], path: str | os.PathLike, title: str
         xs = sorted(points)
         ax.plot([statistics.mean(r["bits_per_weight"] for r in points[b]) for b in xs],
                 [statistics.mean(r["kl"] for r in points[b]) for b in xs], marker="o", label=method)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight")
-    ax.set_ylabel("KL(original || quantized), nats/token")
-    ax.set_title(title or "KL against bits")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, "bits per weight", "KL(original || quantized), nats/token", title or "KL against bits", path)
 
 
 def write_pipeline_report(rows: Sequence[Mapping], reports: Mapping[str, Sequence[Mapping]], out: Path) -> list[Path]:
