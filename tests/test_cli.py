@@ -293,3 +293,14 @@ def test_collect_reads_json_lines_with_a_text_field(shared, tmp_path, capsys):
         main([*common, "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c")])
     assert exit_info.value.code == 2
     assert "record 1: no text or conversation in field 'text' (it has ['body'])" in capsys.readouterr().err
+
+
+def test_eval_tasks_without_lm_eval_names_the_package(shared, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm_eval is installed: tests/test_lm_eval.py runs the tasks")
+    assert main(["quantize", "--method", "rtn", "--bits", "4", "--out", str(tmp_path / "q"), "--device", "cpu"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--quant", str(tmp_path / "q"), "--n-seqs", "2", "--seq-len", "32", "--tasks", "hellaswag"])
+    assert exit_info.value.code == 2 and "pip install lm_eval" in capsys.readouterr().err

@@ -158,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-seqs", type=int, default=64, help="default: %(default)s")
     ev.add_argument("--seq-len", type=int, default=256, help="default: %(default)s")
     ev.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
+    ev.add_argument("--tasks", default=None,
+                    help="also run these lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,arc_easy) on "
+                         "both models; needs `pip install lm_eval`")
+    ev.add_argument("--include-path", default=None, help="a folder of lm_eval task YAML files (local tasks)")
+    ev.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if below 1)")
 
     exp = sub.add_parser("export", help="write a quantized model in a format serving engines load",
                          description="Write a `yaqa quantize` folder in the compressed-tensors pack-quantized layout "
@@ -336,6 +341,17 @@ def _eval(args: argparse.Namespace) -> None:
     r = evaluate(orig, dequantize(quant), data, tokenizer=tokenizer, n_seqs=args.n_seqs, seq_len=args.seq_len)
     print(f"KL(orig || quant) = {r.kl:.5f} nats/token over {r.tokens} tokens; perplexity {r.ppl_orig:.3f} (original) "
           f"-> {r.ppl_quant:.3f} (quantized)")
+    if args.tasks:
+        from .evaluation import lm_eval_tasks
+
+        limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+        results = lm_eval_tasks({"original": orig, "quantized": quant}, tokenizer, args.tasks.split(","),
+                                include_path=args.include_path, limit=limit)
+        print(f"{'task':24s} {'metric':24s} {'original':>12s} {'quantized':>12s}")
+        for task, metrics in results["original"].items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and "stderr" not in metric:
+                    print(f"{task:24s} {metric:24s} {value:12.5g} {results['quantized'][task][metric]:12.5g}")
 
 
 def _export(args: argparse.Namespace) -> None:

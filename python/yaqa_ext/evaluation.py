@@ -12,7 +12,7 @@ from torch import nn
 from .data import prepare_tokens
 from .progress import progress_bar
 
-__all__ = ["EvalResult", "evaluate", "reference_logits"]
+__all__ = ["EvalResult", "evaluate", "lm_eval_tasks", "reference_logits"]
 
 
 @dataclass
@@ -120,3 +120,28 @@ def evaluate(
         ppl_quant=math.exp(nll_quant / predicted),
         tokens=tokens.numel(),
     )
+
+
+def lm_eval_tasks(models: dict[str, nn.Module], tokenizer, tasks: list[str], *, include_path: str | None = None,
+                  limit: int | float | None = None, batch_size: int = 8) -> dict[str, dict[str, dict]]:
+    """lm-evaluation-harness ``tasks`` on each in-memory model (label -> model; e.g. the original and the quantized
+    one), through its Hugging Face model class: label -> task -> metrics. ``include_path``: a folder of task YAML
+    files (local tasks over local data work offline); ``limit``: documents per task (a fraction below 1). Needs the
+    ``lm_eval`` package (not a dependency of yaqa_ext)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ImportError("tasks run with lm-evaluation-harness: pip install lm_eval (not a dependency of yaqa_ext)") from None
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"lm_eval knows no task {', '.join(map(repr, unknown))}"
+                         + ("" if include_path else "; a local task needs its YAML folder as include_path (--include-path)"))
+    results = {}
+    for label, model in models.items():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR")
+        results[label] = out["results"]
+    return results
