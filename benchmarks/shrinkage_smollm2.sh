@@ -4,6 +4,7 @@
 # sequences of 512 tokens; evaluation 64 x 256 as in quality_smollm2.sh. Resumable like it (rows in the repository,
 # factor files in $HESSIANS, shared with quality_smollm2.sh: its 128-sequence collections are reused).
 #   NS="32 128" SEEDS=1 bash benchmarks/shrinkage_smollm2.sh
+#   NS=1024 METHODS="ldlq yaqa-B" BITS="3 4" bash benchmarks/shrinkage_smollm2.sh   # the data study's large points
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/shrinkage-smollm2}
@@ -12,5 +13,5 @@ for n in ${NS:-32 128}; do
   mkdir -p "$hessians/n$n" "$out/n$n"
   [ "$n" = 128 ] && ln -sfn "$hessians" "$out/n$n/hessians" || ln -sfn "$hessians/n$n" "$out/n$n/hessians"
   .venv/bin/yaqa run --model smollm2-135m --n-seqs "$n" --seq-len 512 --eval-seqs 64 --eval-len 256 \
-    --methods ldlq yaqa-B yaqa-B-lw --bits 2 3 4 --seeds ${SEEDS:-1} --out "$out/n$n"
+    --methods ${METHODS:-ldlq yaqa-B yaqa-B-lw} --bits ${BITS:-2 3 4} --seeds ${SEEDS:-1} --out "$out/n$n"
 done
