@@ -294,3 +294,39 @@ def test_experts_left_wholly_in_float_keep_the_architectures_module(family, tmp_
     assert is_fused_experts(again.model.layers[0].mlp.experts)
     assert isinstance(again.model.layers[1].mlp.experts, RoutedExperts)
     torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=0)
+
+
+def test_a_failed_quantize_leaves_the_callers_model_as_it_was():
+    model = tiny_family("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match="every linear layer is skipped"):
+        quantize(model, QuantConfig(method="rtn", bits=4, skip=[".*"]), progress=False)
+    assert model.model.layers[0].mlp.experts is experts and is_fused_experts(experts)
+
+
+def test_moe_folders_need_config_format_3_and_lora_export_refuses_experts(tmp_path):
+    """An MoE model's quantization_config is format 3 (older yaqa_ext versions refuse it by version), a dense one
+    stays 2; low-rank terms of experts have no PEFT form once dequantize fuses the experts: refused by name."""
+    from yaqa_ext import export_lora
+
+    dense = tiny_family("llama")
+    quantize(dense, QuantConfig(method="rtn", bits=4), progress=False)
+    assert dense.config.quantization_config.to_dict()["format_version"] == 2
+    moe = tiny_family("qwen3_moe")
+    quantize(moe, QuantConfig(method="rtn", bits=4, lowrank_rank=2, lowrank_method="svd"), progress=False)
+    assert moe.config.quantization_config.to_dict()["format_version"] == 3
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.0.gate_up_proj \(and 15 more\) are MoE experts"):
+        export_lora(moe, tmp_path / "adapter")
+
+
+def test_shared_fallback_pools_only_the_collected_experts(tmp_path):
+    """An expert matrix left out of the collection (and skipped) is not pooled: the others share three experts'
+    factors."""
+    model = tiny_family("mixtral")
+    collect_hessians(model, tokens_for(model), tmp_path, sketch="B", n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=2,
+                     exclude=r"layers\.0\.mlp\.experts\.0\.down_proj$", progress=False)
+    report = quantize(model, QuantConfig(method="yaqa", bits=4, skip=[r"layers\.0\.mlp\.experts\.0\.down_proj$"],
+                                         expert_min_tokens=10**6), hessians=tmp_path, progress=False)
+    fallbacks = {r.name: r.fallback for r in report.layers if r.fallback}
+    assert fallbacks["model.layers.0.mlp.experts.1.down_proj"] == "factors shared by the layer's 3 experts"
+    assert fallbacks["model.layers.1.mlp.experts.1.down_proj"] == "factors shared by the layer's 4 experts"

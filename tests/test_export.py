@@ -83,6 +83,7 @@ def test_what_the_format_cannot_hold_is_refused_by_name(tmp_path):
         (QuantConfig(method="rtn", bits=4, symmetric=False, rht=False, lowrank_rank=2, lowrank_method="svd"),
          "a low-rank term"),
         (QuantConfig(method="rtn", bits=2, quantizer="e8p", rht=False), "codebook 'e8p'"),
+        (QuantConfig(method="rtn", bits=8, rht=False), "8-bit grid, which needs 9-bit integers"),
     ]
     for config, message in cases:
         model = copy.deepcopy(base)

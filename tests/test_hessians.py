@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARCHS, tiny_model
+from conftest import TINY_ARCHS, tiny_family, tiny_model
 
 from yaqa_ext.arch import find_targets
 from yaqa_ext.hessians import collect_hessians, load_hessians, sample_targets
@@ -272,28 +272,42 @@ def test_real_model_stories260k_with_text(tmp_path, shared):
 _DIST_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_model
+    from conftest import tiny_family, tiny_model
+    from yaqa_ext.arch import unfuse_experts
     from yaqa_ext.hessians import collect_hessians
-    rank, world, init, out, fsdp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "fsdp"
+    rank, world, init, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    fsdp, moe = mode.startswith("fsdp"), mode.endswith("moe")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     tokens = torch.randint(0, 64, (6, 7), generator=torch.Generator().manual_seed(0))
-    model = tiny_model("llama")
-    if fsdp:  # FSDP2: every decoder block and the root sharded across the ranks (each holds half of each weight)
+
+    def shard(model):  # FSDP2: every decoder block and the root sharded across the ranks (each holds half a weight)
         from torch.distributed.fsdp import fully_shard
         for block in model.model.layers:
             fully_shard(block)
         fully_shard(model)
-        assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
+
+    model = tiny_family("mixtral") if moe else tiny_model("llama")
+    if moe:  # experts sharded in their fused form cannot be unfused: refused, with the order that works
+        shard(early := tiny_family("mixtral"))
+        try:
+            unfuse_experts(early)
+            raise SystemExit("sharded fused experts were unfused")
+        except ValueError as e:
+            assert "unfuse them first, then shard" in str(e), e
+        unfuse_experts(model)
+    if fsdp:
+        shard(model)
+        assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
     collect_hessians(model, tokens, out, sketch="B", power_iters=2, n_seqs=6, seq_len=7, batch_size=2,
                      layers_per_pass=1 if fsdp else None, progress=False)
     dist.destroy_process_group()
 """)
 
 
-@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+@pytest.mark.parametrize("mode", ["replicated", "fsdp", "fsdp-moe"])
 def test_two_gloo_processes_equal_one(tmp_path, mode):
     """Two ranks on CPU (gloo), each with a full copy of the model or with FSDP2-sharded weights (then also one
-    layer per pass), give the factors of one process."""
+    layer per pass; an MoE model's experts unfused before sharding), give the factors of one process."""
     script = tmp_path / "dist.py"
     script.write_text(_DIST_SCRIPT.format(tests=str(Path(__file__).parent)))
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -301,7 +315,7 @@ def test_two_gloo_processes_equal_one(tmp_path, mode):
              for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     tokens = torch.randint(0, 64, (6, 7), generator=torch.Generator().manual_seed(0))
-    collect_hessians(tiny_model("llama"), tokens, tmp_path / "one", sketch="B", power_iters=2, n_seqs=6, seq_len=7,
+    collect_hessians(tiny_family("mixtral") if mode.endswith("moe") else tiny_model("llama"), tokens, tmp_path / "one", sketch="B", power_iters=2, n_seqs=6, seq_len=7,
                      batch_size=2, progress=False)
     one, two = load_hessians(tmp_path / "one"), load_hessians(tmp_path / "two")
     assert two.manifest["world_size"] == 2
@@ -505,3 +519,28 @@ def test_factor_file_with_a_wrong_or_missing_H_out_is_refused(tmp_path, tokens, 
     match = r"H_out has shape \(1, 1\), expected \(\d+, \d+\)" if tamper == "small_H_out" else "has no .*H_out"
     with pytest.raises(ValueError, match=match):
         load_hessians(tmp_path).load(name)
+
+
+def test_checkpoint_of_a_version_without_token_counts_resumes(tmp_path, tokens):
+    """A checkpoint written before collections counted tokens (no 'acc.<module>.tokens' entries, a valid checksum)
+    resumes to the same factors; the collection then records no counts (tokens() None) rather than partial ones."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from yaqa_ext.hessians import _checksum
+
+    kw = dict(sketch="B", power_iters=2, n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=1, progress=False)
+    model = _interrupted_collection(tmp_path / "a", tokens)
+    state = tmp_path / "a" / "collect-state-rank0.safetensors"
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    tensors = {k: v for k, v in load_file(state).items() if not k.endswith(".tokens")}
+    counters = {k: meta[k] for k in ("group", "round", "next_batch")}
+    save_file(tensors, state, metadata={**meta, "checksum": _checksum(tensors, counters)})
+    collect_hessians(model, tokens, tmp_path / "a", **kw)
+    collect_hessians(tiny_model("llama"), tokens, tmp_path / "b", **kw)
+    a, b = load_hessians(tmp_path / "a"), load_hessians(tmp_path / "b")
+    for name in a.modules:
+        assert a.tokens(name) is None and b.tokens(name) == N_SEQS * SEQ_LEN
+        for x, y in zip(a.load(name), b.load(name)):
+            assert torch.equal(x, y)

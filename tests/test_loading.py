@@ -149,9 +149,9 @@ def test_config_json_groups_the_layer_specs_and_per_module_specs_still_load(save
     (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rht_seeds"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
-    config["quantization_config"]["format_version"] = 3  # from a newer yaqa_ext
+    config["quantization_config"]["format_version"] = 4  # from a newer yaqa_ext
     (tmp_path / "per-module" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"format_version 3; this yaqa_ext reads versions 1 to 2: upgrade yaqa_ext"):
+    with pytest.raises(ValueError, match=r"format_version 4; this yaqa_ext reads versions 1 to 3: upgrade yaqa_ext"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "per-module")
 
 

@@ -459,6 +459,9 @@ def unfuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str
         if not is_fused_experts(module):
             raise ValueError(f"{name} is a {type(module).__name__}, not fused MoE experts: the saved config does not fit "
                              "this model (quantize it again)")
+        if any(hasattr(p, "to_local") for p in module.parameters()):
+            raise ValueError(f"{name}: its experts are sharded (FSDP2 DTensors); unfuse them first, then shard: "
+                             "yaqa_ext.arch.unfuse_experts(model) before fully_shard")
         replace_module(model, name, RoutedExperts.from_fused(module))
     return list(names)
 

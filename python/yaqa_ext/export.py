@@ -59,6 +59,8 @@ def _refusal(name: str, layer: QuantizedLinear, widen: bool) -> str | None:
     symmetric = bool((layer.zeros.float() == (2 ** layer.layout["bits"] - 1) / 2).all())
     if not symmetric and not bool((layer.zeros.float() == layer.zeros.float().round()).all()):
         return "zero points that are not integers"
+    if symmetric and layer.layout["bits"] == 8:
+        return "a symmetric (midrise) 8-bit grid, which needs 9-bit integers: quantize with symmetric=False (--asymmetric)"
     if symmetric and not widen:
         return (f"a symmetric (midrise) {layer.layout['bits']}-bit grid, which needs {layer.layout['bits'] + 1}-bit "
                 "integers in the format: pass widen_symmetric=True (--widen-symmetric) to export it exactly so, or "

@@ -229,16 +229,22 @@ class _Collector:
             if self.kind == "input":
                 ops.input_moment_update(x.to(self.device), self.acc[f"{name}.H_in"], self.allow_tf32)
                 self.acc[f"{name}.x_abs"] += x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=self.dtype).to(self.device)
-                self.acc[f"{name}.tokens"] += x.shape[:-1].numel()
+                self._count(name, x)
                 self.updates[name] += 1
             elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
                 # Per-sequence structure (B, T or tokens routed per sequence, n), also for models that flatten
                 # tokens (e.g. OPT's MLP) and for MoE experts, which see the tokens routed to them.
-                slots = self._slots(target, x)
-                self.acc[f"{name}.tokens"] += x.shape[:-1].numel()
-                output.register_hook(functools.partial(self._on_grad, name, _by_sequence(x, slots, self.batch_shape), slots))
+                self._count(name, x)
+                output.register_hook(functools.partial(self._on_grad, name, x, self._slots(target, x)))
 
         return hook
+
+    def _count(self, name: str, x: Tensor) -> None:
+        """Add x's rows to the module's token count (absent when the pass resumed a checkpoint of a yaqa_ext that
+        did not count: the collection then records no counts rather than partial ones)."""
+        key = f"{name}.tokens"
+        if key in self.acc:
+            self.acc[key] += x.shape[:-1].numel()
 
     def _slots(self, target: TargetModule, x: Tensor) -> tuple[Tensor, Tensor, int] | None:
         """Where each input row of ``target`` sits among the pass's (sequence, position) slots: None for one row
@@ -258,8 +264,11 @@ class _Collector:
         slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[seq]
         return seq, slot, int(counts.max())
 
-    def _on_grad(self, name: str, X: Tensor, slots: tuple[Tensor, Tensor, int] | None, g: Tensor) -> None:
-        X, G = X.to(self.device), _by_sequence(g.detach(), slots, self.batch_shape).to(self.device)
+    def _on_grad(self, name: str, x: Tensor, slots: tuple[Tensor, Tensor, int] | None, g: Tensor) -> None:
+        """The sketch update of one module from its inputs x and output gradients g (laid out by sequence here, so
+        the padded copies of an expert's routed rows exist only during its update)."""
+        X = _by_sequence(x, slots, self.batch_shape).to(self.device)
+        G = _by_sequence(g.detach(), slots, self.batch_shape).to(self.device)
         w = self.weights
         if self.kind == "B" and self.stats:
             self._sketch_b_with_stats(name, X, G, w.get(f"{name}.H_in"), w.get(f"{name}.H_out"))
@@ -646,11 +655,14 @@ class HessianFactors:
         return {name: self.tokens(name) for name, info in self.manifest["module_info"].items() if "expert" in info}
 
     def abs_mean(self, name: str, device: str | torch.device = "cpu") -> Tensor | None:
-        """``mean_t |x_t|`` of a module's inputs (n), when the collection had a forward-only 'input' pass."""
+        """``mean_t |x_t|`` of a module's inputs (n; an MoE expert's over its routed tokens), when the collection
+        had a forward-only 'input' pass."""
         info = self._info(name)
         with safe_open(str(self.path / info["file"]), "pt", device=str(device)) as f:
             key = f"{name}.x_abs"
-            return f.get_tensor(key) / self.manifest["tokens"] if key in set(f.keys()) else None
+            if key not in set(f.keys()):
+                return None
+            return f.get_tensor(key) / max(self.tokens(name) or self.manifest["tokens"], 1)
 
     def _info(self, name: str) -> dict:
         info = self.manifest["module_info"].get(name)

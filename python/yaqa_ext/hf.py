@@ -23,7 +23,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .arch import fuse_experts, replace_module, unfuse_experts
+from .arch import RoutedExperts, fuse_experts, replace_module, unfuse_experts
 from .config import QuantConfig, group_specs
 from .fileio import atomic_save, atomic_write_text
 from .qlinear import QuantizedLinear
@@ -32,9 +32,11 @@ __all__ = ["YaqaHfConfig", "YaqaHfQuantizer", "YaqaSavedConfig", "dequantize", "
            "unmark_quantized"]
 
 SAVED_MODEL_TYPE = "yaqa_ext"
-CONFIG_FORMAT_VERSION = 2
-"""quantization_config's layout: 1 (or no format_version) one spec per module, 2 the specs grouped. Each spec
-carries its codebook's own format_version."""
+CONFIG_FORMAT_VERSION = 3
+"""The newest quantization_config layout this yaqa_ext reads: 1 (or no format_version) one spec per module, 2 the
+specs grouped, 3 also MoE experts stored one matrix per expert (``routed_experts``; written only then, so older
+yaqa_ext versions refuse those folders with their upgrade message). Each spec carries its codebook's own
+format_version."""
 LOADER_MODULE = "configuration_yaqa_ext"
 _LOADER_SOURCE = '''"""The loader of this yaqa_ext-quantized model: its layers need the yaqa_ext package (pip install yaqa_ext).
 
@@ -69,7 +71,8 @@ class YaqaHfConfig(QuantizationConfigMixin):
         """What config.json holds: the fields, with the layer specs grouped (:func:`group_specs`), and the
         format version of that layout."""
         fields = super().to_dict()
-        return {**fields, "format_version": CONFIG_FORMAT_VERSION, "modules": group_specs(fields["modules"])}
+        return {**fields, "format_version": 3 if fields.get("routed_experts") else 2,
+                "modules": group_specs(fields["modules"])}
 
 
 class YaqaSavedConfig(PretrainedConfig):
@@ -176,6 +179,11 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.lowrank_A is not None}
     if not layers:
         raise ValueError("no layer has a low-rank term: quantize with QuantConfig(lowrank_rank=k) first")
+    experts = [n for n in layers if any(n.startswith(f"{r}.") for r, m in model.named_modules() if isinstance(m, RoutedExperts))]
+    if experts:
+        raise ValueError(f"{experts[0]} (and {len(experts) - 1} more) are MoE experts' matrices, which dequantize fuses "
+                         "back into the architecture's experts module: a LoRA adapter has nothing to attach to there; "
+                         "skip the experts' low-rank terms (QuantConfig(skip=...)) or quantize them without")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, ranks = {}, {}

@@ -22,7 +22,7 @@ from .hadamard import RHT
 from .data import prepare_tokens
 from .finetune import BlockCheckpoint, finetune_end_to_end, quantize_blocks
 from .arch import (Coverage, RoutedExperts, TargetModule, coverage, decoder_layers, find_targets, fuse_experts,
-                   replace_module, unfuse_experts, weight_matrix)
+                   is_fused_experts, replace_module, unfuse_experts, weight_matrix)
 from .hessians import TWO_SIDED_SKETCHES, HessianFactors, _fingerprint, _mix, collect_hessians, load_hessians
 from .config import QuantConfig
 from .hf import YaqaHfConfig, mark_quantized
@@ -344,7 +344,7 @@ def _target_factors(t: TargetModule, config: QuantConfig, layer_factors: LayerFa
         return (*layer_factors(t.name, device), tokens, None)
     if config.expert_fallback == "rtn":
         return None, None, tokens, "round to nearest"
-    pooled = [layer_factors(name, device) for name in t.pooled_names]
+    pooled = [layer_factors(name, device) for name in t.pooled_names if name in factors]  # the collected ones
     H_in, H_out = (None if any(p[side] is None for p in pooled) else sum(p[side] for p in pooled) for side in (0, 1))
     return H_in, H_out, tokens, f"factors shared by the layer's {len(pooled)} experts"
 
@@ -423,22 +423,23 @@ def quantize(
         raise ValueError(f"input_moments: {input_moments.path} is a Sketch {input_moments.sketch} collection; the "
                          "low-rank statistics need one made with sketch='input' (yaqa collect --sketch input)")
     _check_lowrank_statistics(config, hessians, input_moments, sketch if needs_factors and hessians is None else None)
+    fused = {n: m for n, m in model.named_modules() if is_fused_experts(m)}
     unfuse_experts(model)
-    candidates = find_targets(model)
-    targets = [t for t in candidates if not config.skips(t.name)]
-    if not targets:
-        raise ValueError("every linear layer is skipped (config.skip); nothing to quantize")
-    covered = coverage(model, targets, [t.name for t in candidates if config.skips(t.name)])
-    _warn_untargeted(covered)
-    tmp = None
-    if needs_factors and hessians is None:
-        if collect_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="yaqa-hessians-")
-            collect_dir = tmp.name
-        collect_hessians(model, data, collect_dir, tokenizer=tokenizer, sketch=sketch, n_seqs=n_seqs, seq_len=seq_len,
-                         batch_size=batch_size, progress=progress)
-        hessians = collect_dir
+    tmp, modules = None, {}
     try:
+        candidates = find_targets(model)
+        targets = [t for t in candidates if not config.skips(t.name)]
+        if not targets:
+            raise ValueError("every linear layer is skipped (config.skip); nothing to quantize")
+        covered = coverage(model, targets, [t.name for t in candidates if config.skips(t.name)])
+        _warn_untargeted(covered)
+        if needs_factors and hessians is None:
+            if collect_dir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="yaqa-hessians-")
+                collect_dir = tmp.name
+            collect_hessians(model, data, collect_dir, tokenizer=tokenizer, sketch=sketch, n_seqs=n_seqs,
+                             seq_len=seq_len, batch_size=batch_size, progress=progress)
+            hessians = collect_dir
         factors = _open(hessians) if needs_factors or (hessians is not None and config.lowrank_rank > 0) else None
         moments = input_moments or (factors if factors is not None and factors.sketch == "input" else None)
         for source in (factors, moments):
@@ -449,7 +450,7 @@ def quantize(
         _check_sketch(method, factors)
         layer_factors = method.layer_factors(model, targets, factors)
         quantizer = config.make_quantizer()
-        reports, modules, finetuned, e2e = [], {}, [], None
+        reports, finetuned, e2e = [], [], None
         bar = progress_bar(len(targets), f"quantize {config.summary()}", "layer", enabled=progress)
 
         def quantize_group(group: list[TargetModule]) -> None:
@@ -476,6 +477,11 @@ def quantize(
                 e2e = finetune_end_to_end(model, original.to(device), tokens, config.finetune_e2e_epochs,
                                           config.finetune_lr, batch_size, seed=config.seed)
                 del original
+    except BaseException:
+        if not modules:  # nothing rounded yet: the caller's model as it was, its experts in their own module
+            for name, module in fused.items():
+                replace_module(model, name, module)
+        raise
     finally:
         if tmp is not None:
             tmp.cleanup()

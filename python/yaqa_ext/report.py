@@ -82,7 +82,8 @@ def plot_layer_proxies(by_method: Mapping[str, Sequence[Mapping]], path: str | o
     in model order, one line per method: ``by_method`` maps a label to its per-layer table."""
     fig, ax = _axes((10, 4.5))
     for label, layers in by_method.items():
-        values = [layer.get("proxy_two_sided") or layer.get("proxy_one_sided") for layer in layers]
+        values = [layer.get("proxy_one_sided") if layer.get("proxy_two_sided") is None else layer["proxy_two_sided"]
+                  for layer in layers]
         ax.plot(range(len(values)), [float("nan") if v is None else v for v in values], label=label, linewidth=1)
     _finish(fig, ax, "layer (model order)", "relative proxy error",
             title or "per-layer proxy error: tr(dW H_I dW^T H_O) / tr(W H_I W^T H_O)", path)
