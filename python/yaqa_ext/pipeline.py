@@ -207,7 +207,7 @@ def run_pipeline(
                        "quantize_seconds": seconds, "eval_tokens": result.tokens}
                 rows.append(row)
                 (out / "layers").mkdir(exist_ok=True)
-                atomic_write_text(json.dumps(report.to_dict()["layers"]), out / "layers" / _layers_file(method, b, seed))
+                atomic_write_text(json.dumps(_compact(report.to_dict()["layers"])), out / "layers" / _layers_file(method, b, seed))
                 print(f"  {method:7s} {b}-bit seed {seed}: KL {result.kl:.4f}, ppl {result.ppl_quant:.2f} "
                       f"(orig {result.ppl_orig:.2f}), {report.bits_per_weight:.3f} bits/weight, {seconds:.1f} s")
                 atomic_write_text(json.dumps({"model": model_name, "settings": settings, "rows": rows}, indent=2),
@@ -224,6 +224,13 @@ def run_pipeline(
     print("report: " + ", ".join(str(f) for f in written) + ("" if plots_available() else
                                                              " (pip install matplotlib for the plots)"))
     return rows
+
+
+def _compact(layers: list[dict]) -> list[dict]:
+    """A row's per-layer table as kept beside the results: each layer's name, shape and measured values, floats
+    to 5 significant digits."""
+    return [{k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in layer.items() if k not in ("tiles", "lowrank")}
+            for layer in layers]
 
 
 def _layers_file(method: str, bits: int, seed: int) -> str:
