@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from conftest import CUDA_OK
 from reference import tile_ldlq_reference
 from torch import Tensor, nn
 
@@ -197,3 +198,31 @@ def test_matmul_opcheck_and_bad_inputs():
         ops.trellis_matmul(torch.randn(2, 48), qweight[:3], scales, trellis_table(12), 3)
     with pytest.raises(ValueError, match="multiples of 16"):
         ops.trellis_matmul(torch.randn(2, 40), qweight, scales, trellis_table(12), 3)
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize(("bits", "L"), [(1, 12), (2, 12), (3, 12), (4, 12), (2, 16), (4, 20)])
+@pytest.mark.parametrize(("m", "n"), [(576, 576), (1536, 576), (32, 48)])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_matmul_matches_dequantize_then_matmul(bits, L, m, n, tokens, dtype):
+    from yaqa_ext.hadamard import RHT
+
+    qweight, scales, W_hat = random_layer(m, n, bits, L, m + n + bits)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    t = RHT(m, n, seed=1, device="cuda")
+    y = ops.trellis_matmul(x.cuda(), qweight.cuda(), scales.cuda(), trellis_table(L, "cuda"), bits,
+                           *t.fused_args(torch.device("cuda")))
+    ref = t.output_inverse(t.input_transform(x.cuda().double()) @ W_hat.cuda().double().T)
+    # fp32 (fp64) accumulation in another order; bf16: the GEMM's bf16 tiles and output rounding
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(y.double(), ref.to(dtype).double(), rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_opcheck():
+    qweight, scales, _ = random_layer(32, 48, 3, 12, 0)
+    for tokens in (1, 20):
+        torch.library.opcheck(torch.ops.yaqa.trellis_matmul.default,
+                              (torch.randn(tokens, 48, device="cuda"), qweight.cuda(), scales.cuda(),
+                               trellis_table(12, "cuda"), 3))

@@ -6,7 +6,8 @@
 // multiplied by at::mm, so the weight is never materialised whole. The optional RHT around the product uses the
 // CUDA Hadamard transform. Current stream, device guard, no host synchronisation. The E8P weight (e8p_matmul) takes
 // the same two paths, each block staging the 8 KB pattern table in shared memory and decoding one 8-weight unit
-// per thread.
+// per thread. The trellis weight (trellis_matmul) too: each weight's L-bit state read from its unit's stream (at most
+// 4 bytes, never past the unit), its value from the state table through the read-only cache.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -17,6 +18,7 @@
 #include "../ops.h"
 #include "../e8p.h"
 #include "../qmatmul.h"
+#include "../trellis.h"
 
 namespace yaqa {
 namespace {
@@ -211,6 +213,65 @@ __global__ void e8p_dequantize_tile_kernel(E8PArgs w, const s_t* __restrict__ sc
   for (int k = 0; k < 8; ++k) tile[r * w.n + c * 8 + k] = static_cast<out_t>(s[0] * v1[k] + s2 * v2[k]);
 }
 
+// The packed trellis weight (csrc/trellis.h): per 16 x 16 unit (row blocks of units, row-major) its symbols as a
+// k-bit little-endian stream of unit_bytes bytes; weight t of a unit (row t / 16, column t % 16) has the L-bit
+// state at bit k t of the stream.
+struct TrellisArgs {
+  const uint8_t* codes;
+  int64_t m, n, bits, L, unit_bytes;
+  const float* table;  // (2^L) state values, device memory
+};
+
+// The unscaled value of weight (row, col): its unit's bytes from bit k t to bit k t + L - 1 (at most 4 bytes, all
+// inside the stream: state t covers stream symbols t .. t + p), shifted and masked, then looked up.
+__device__ __forceinline__ float trellis_value(const TrellisArgs& w, int64_t row, int64_t col) {
+  const int64_t unit = (row / 16) * (w.n / 16) + col / 16, t = (row % 16) * 16 + col % 16;
+  const uint8_t* stream = w.codes + unit * w.unit_bytes;
+  const int64_t bit = w.bits * t, first = bit / 8, last = (bit + w.L - 1) / 8;
+  uint32_t v = 0;
+  for (int64_t b = first; b <= last; ++b) v |= static_cast<uint32_t>(stream[b]) << (8 * (b - first));
+  return __ldg(w.table + ((v >> (bit % 8)) & ((1u << w.L) - 1u)));
+}
+
+// GEMV for up to kSmallBatch tokens: one warp per output row, lane l decoding the row's weights l, l + 32, ...
+// (coalesced reads of x), times the row's scale after the shuffle reduction.
+template <typename acc_t>
+__global__ void trellis_gemv_kernel(TrellisArgs w, const acc_t* __restrict__ x, const float* __restrict__ scales,
+                                    acc_t* __restrict__ y, int T) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= w.m) return;
+  acc_t acc[kSmallBatch];
+#pragma unroll
+  for (int t = 0; t < kSmallBatch; ++t) acc[t] = acc_t(0);
+  for (int64_t col = lane; col < w.n; col += 32) {
+    const acc_t v = static_cast<acc_t>(trellis_value(w, row, col));
+#pragma unroll
+    for (int t = 0; t < kSmallBatch; ++t) {
+      if (t < T) acc[t] += v * x[t * w.n + col];
+    }
+  }
+  const acc_t s = static_cast<acc_t>(scales[row]);
+#pragma unroll
+  for (int t = 0; t < kSmallBatch; ++t) {
+    if (t >= T) break;
+    acc_t sum = acc[t];
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) y[t * w.m + row] = s * sum;
+  }
+}
+
+// Rows [j0, j0 + rows) of W_hat (value times the row's scale, in fp32: the rounding's W_hat) into tile (rows x n):
+// one thread per weight.
+template <typename out_t>
+__global__ void trellis_dequantize_tile_kernel(TrellisArgs w, const float* __restrict__ scales, int64_t j0,
+                                               int64_t rows, out_t* __restrict__ tile) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * w.n) return;
+  const int64_t r = idx / w.n, col = idx % w.n;
+  tile[idx] = static_cast<out_t>(trellis_value(w, j0 + r, col) * scales[j0 + r]);
+}
+
 }  // namespace
 
 at::Tensor int_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -302,9 +363,50 @@ at::Tensor e8p_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   return rht_output(y, x, ct, sign_out, had_out);
 }
 
+at::Tensor trellis_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& table, int64_t bits, const std::optional<at::Tensor>& sign_in,
+                               const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,
+                               const std::optional<at::Tensor>& had_out) {
+  const int64_t L = check_trellis_matmul_args(x, qweight, scales, table, bits, sign_in, had_in, sign_out, had_out);
+  const int64_t m = scales.size(0), n = x.size(-1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = rht_input(x, n, ct, sign_in, had_in);
+  const int64_t T = xa.size(0);
+  const at::Tensor q = qweight.contiguous(), tab = table.contiguous();
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const TrellisArgs w{q.data_ptr<uint8_t>(), m, n, bits, L, q.size(1), tab.data_ptr<float>()};
+  at::Tensor y = at::empty({T, m}, xa.options());
+  if (T > 0 && T <= kSmallBatch) {
+    const unsigned blocks = static_cast<unsigned>((m + kWarpsPerBlock - 1) / kWarpsPerBlock);
+    AT_DISPATCH_FLOATING_TYPES(ct, "trellis_matmul_cuda", [&] {
+      trellis_gemv_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+          w, xa.data_ptr<scalar_t>(), s.data_ptr<float>(), y.data_ptr<scalar_t>(), static_cast<int>(T));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (T > 0) {
+    const auto gemm_t = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? x.scalar_type() : ct;
+    const at::Tensor xg = xa.to(gemm_t);
+    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options().dtype(gemm_t));
+    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
+      const int64_t rows = std::min(kTileRows, m - j0);
+      const unsigned blocks = static_cast<unsigned>((rows * n + 255) / 256);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gemm_t, "trellis_matmul_cuda_tile", [&] {
+        trellis_dequantize_tile_kernel<scalar_t><<<blocks, 256, 0, stream>>>(w, s.data_ptr<float>(), j0, rows,
+                                                                             tile.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      y.narrow(1, j0, rows).copy_(at::mm(xg, tile.narrow(0, 0, rows).t()));
+    }
+  }
+  return rht_output(y, x, ct, sign_out, had_out);
+}
+
 TORCH_LIBRARY_IMPL(yaqa, CUDA, m) {
   m.impl("int_matmul", &int_matmul_cuda);
   m.impl("e8p_matmul", &e8p_matmul_cuda);
+  m.impl("trellis_matmul", &trellis_matmul_cuda);
 }
 
 }  // namespace yaqa

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._C import WITH_CUDA
 from ..bitpack import pack_codes, unpack_codes
 from ..hadamard import RHT
 from .base import Codebook, Grid, fp16_scale, golden_section, register_codebook, rms_scale
@@ -179,9 +180,10 @@ class TrellisCodebook(Codebook):
 
     @classmethod
     def matmul(cls, layer: nn.Module, x: Tensor, rht: RHT | None) -> Tensor:
-        """The fused op on the CPU when no gradient is needed (a row block of 16 decoded at a time, the RHT inside);
-        else (CUDA: no trellis kernel yet) the dequantized weight's matmul."""
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-            return ops.trellis_matmul(x, layer.qweight, layer.scales, trellis_table(layer.layout["L"]),
+        """The fused op (states decoded as they are used, the RHT inside) on a backend that has its kernel (CPU;
+        CUDA in a CUDA build) when no gradient is needed; else the dequantized weight's matmul."""
+        kernel = x.device.type == "cpu" or (x.device.type == "cuda" and WITH_CUDA)
+        if kernel and not (torch.is_grad_enabled() and x.requires_grad):
+            return ops.trellis_matmul(x, layer.qweight, layer.scales, trellis_table(layer.layout["L"], x.device),
                                       layer.layout["bits"], *(() if rht is None else rht.fused_args(x.device)))
         return cls.dequantized_matmul(layer, x, rht)
