@@ -19,7 +19,7 @@ architecture's own gate function. Each expert's matrices are then ordinary targe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -268,13 +268,14 @@ class Coverage:
         return line
 
 
-def coverage(model: nn.Module, targets: list[TargetModule], skipped: list[str] = ()) -> Coverage:
-    """The matrices of the decoder blocks that ``targets`` cover; the others with why: ``skipped`` (module names
-    the user skipped), kept by the architecture (routers), or not a supported linear layer (with its class)."""
+def coverage(model: nn.Module, targets: list[TargetModule], left: Mapping[str, str] | None = None) -> Coverage:
+    """The matrices of the decoder blocks that ``targets`` cover; the others with why: ``left`` (module name ->
+    why the caller left it, e.g. the user's skip list), kept by the architecture (routers), or not a supported
+    linear layer (with its class)."""
     prefix, blocks = decoder_layers(model)
     arch = architecture_of(model)
     chosen = {t.name for t in targets}
-    skipped = set(skipped)
+    left = left or {}
     targeted = total = 0
     untargeted: dict[str, str] = {}
     for i, block in enumerate(blocks):
@@ -286,8 +287,8 @@ def coverage(model: nn.Module, targets: list[TargetModule], skipped: list[str] =
                 total += p.numel()
                 if name in chosen and key == "weight":
                     targeted += p.numel()
-                elif name in skipped:
-                    untargeted[f"{name}.{key}"] = "skipped (QuantConfig.skip)"
+                elif name in left:
+                    untargeted[f"{name}.{key}"] = left[name]
                 else:
                     why = arch.kept(f"{sub}.{key}")
                     untargeted[f"{name}.{key}"] = why or _unsupported(module, key)

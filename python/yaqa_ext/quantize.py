@@ -226,6 +226,15 @@ def _quantize_layer(
     return layer, report
 
 
+def _misfits(targets: list[TargetModule], config: QuantConfig) -> dict[str, str]:
+    """The targets whose shape the codebook's unit does not divide (E8P: 8 input columns, trellis: 16 x 16), with
+    why: they stay in float (and are listed in the coverage warning)."""
+    rows, cols = type(config.make_quantizer()).unit
+    return {t.name: f"shape {t.out_features} x {t.in_features} not a multiple of the {config.quantizer} codebook's "
+                    f"unit {rows} x {cols}"
+            for t in targets if t.out_features % rows or t.in_features % cols}
+
+
 def _warn_untargeted(covered: Coverage) -> None:
     """Warn of every decoder matrix left in float that the user did not skip, with why."""
     by_reason: dict[str, list[str]] = {}
@@ -428,10 +437,13 @@ def quantize(
     tmp, modules = None, {}
     try:
         candidates = find_targets(model)
-        targets = [t for t in candidates if not config.skips(t.name)]
+        left = {t.name: "skipped (QuantConfig.skip)" for t in candidates if config.skips(t.name)}
+        left |= _misfits([t for t in candidates if t.name not in left], config)
+        targets = [t for t in candidates if t.name not in left]
         if not targets:
-            raise ValueError("every linear layer is skipped (config.skip); nothing to quantize")
-        covered = coverage(model, targets, [t.name for t in candidates if config.skips(t.name)])
+            raise ValueError("every linear layer is skipped (config.skip) or does not fit the codebook's unit; "
+                             "nothing to quantize")
+        covered = coverage(model, targets, left)
         _warn_untargeted(covered)
         if needs_factors and hessians is None:
             if collect_dir is None:
