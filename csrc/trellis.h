@@ -43,11 +43,19 @@ YAQA_TRELLIS_INLINE void trellis_best_predecessors(const float* cost, int64_t J,
   }
 }
 
-// The stream (T + p symbols, each < 2^k) of least weighted squared error sum_t w[t] (y[t] - table[state_t])^2 for
-// targets y (T), weights w > 0.
 template <int K>
+struct TrellisScalarBest {
+  YAQA_TRELLIS_INLINE void operator()(const float* cost, int64_t J, float* best, uint8_t* back) const {
+    trellis_best_predecessors<K>(cost, J, best, back);
+  }
+};
+
+// The stream (T + p symbols, each < 2^k) of least weighted squared error sum_t w[t] (y[t] - table[state_t])^2 for
+// targets y (T), weights w > 0. Best: how each step's best predecessors are found (trellis_best_predecessors, or a
+// vectorised equal of it).
+template <int K, class Best = TrellisScalarBest<K>>
 YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
-                              TrellisScratch& s, uint8_t* symbols) {
+                                           TrellisScratch& s, uint8_t* symbols, Best best_of = {}) {
   constexpr int64_t Q = int64_t{1} << K;
   const int64_t S = int64_t{1} << L, J = S >> K, p = (L - K) / K;
   s.cost.resize(S), s.next.resize(S), s.best.resize(J), s.back.resize(static_cast<size_t>(T * J));
@@ -56,7 +64,7 @@ YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64
     s.cost[st] = w[0] * (d * d);
   }
   for (int64_t t = 1; t < T; ++t) {
-    trellis_best_predecessors<K>(s.cost.data(), J, s.best.data(), s.back.data() + t * J);
+    best_of(s.cost.data(), J, s.best.data(), s.back.data() + t * J);
     const float yt = y[t], wt = w[t];
     const float* best = s.best.data();
     for (int64_t q = 0; q < Q; ++q) {  // the states with new symbol q: q J + j, contiguous in j

@@ -7,21 +7,133 @@
 
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "../ops.h"
 #include "../rounding.h"
-#include "vector_clones.h"
 
 namespace yaqa {
 
-// The Viterbi search of trellis codes (csrc/trellis.h), its loops over the 2^L states compiled for AVX2 and baseline.
-YAQA_VECTOR_CLONES void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k,
-                                        const float* table, TrellisScratch& s, uint8_t* symbols) {
+#if defined(__x86_64__) && defined(__GNUC__)
+#define YAQA_AVX2 __attribute__((target("avx2,fma")))
+#define YAQA_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+
+// trellis_best_predecessors with AVX2, 8 groups of Q = 2^K consecutive costs at a time: the groups transposed so
+// that vector q holds element q of each group (natural group order after `order`), then the first minimum over q
+// (a later q only if strictly lower: the scalar rule). K = 4 first halves each group (q and q + 8, the lower q on
+// ties) and then needs the index on ties across the halves' survivors. Groups beyond a multiple of 8: scalar.
+template <int K>
+struct TrellisAvx2Best {
+  YAQA_AVX2_INLINE static __m256 natural_k1(__m256 x) {  // [g0 g1 g4 g5 | g2 g3 g6 g7] -> g0 .. g7
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(x), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+  YAQA_AVX2_INLINE static void transpose8(__m256* v) {  // v[i][q] -> v[q][i]
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int q = 0; q < 4; ++q) {
+      v[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
+      v[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
+    }
+  }
+  YAQA_AVX2 void operator()(const float* cost, int64_t J, float* best, uint8_t* back) const {
+    constexpr int Q = 1 << K, R = K == 4 ? 8 : Q;  // R: candidate vectors after the transpose
+    const int64_t vec_end = J / 8 * 8;
+    alignas(32) int32_t arg_out[8];
+    for (int64_t j0 = 0; j0 < vec_end; j0 += 8) {
+      const float* c = cost + (j0 << K);
+      __m256 r[R], idx[R];
+      if constexpr (K == 1) {
+        const __m256 a = _mm256_loadu_ps(c), b = _mm256_loadu_ps(c + 8);
+        r[0] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+        r[1] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+      } else if constexpr (K == 2) {
+        __m256 v[4], t[4];
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(c + 8 * i);
+        t[0] = _mm256_unpacklo_ps(v[0], v[1]), t[1] = _mm256_unpackhi_ps(v[0], v[1]);
+        t[2] = _mm256_unpacklo_ps(v[2], v[3]), t[3] = _mm256_unpackhi_ps(v[2], v[3]);
+        r[0] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[1] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[2] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[3] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(3, 2, 3, 2));
+      } else if constexpr (K == 3) {
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(c + 8 * i);
+        transpose8(r);
+      } else {  // each group's halves first: q or q + 8, the lower q on ties
+        const __m256 lo_q = _mm256_castsi256_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 hi_q = _mm256_castsi256_ps(_mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
+        for (int i = 0; i < 8; ++i) {
+          const __m256 lo = _mm256_loadu_ps(c + 16 * i), hi = _mm256_loadu_ps(c + 16 * i + 8);
+          const __m256 lower = _mm256_cmp_ps(hi, lo, _CMP_LT_OQ);
+          r[i] = _mm256_blendv_ps(lo, hi, lower);
+          idx[i] = _mm256_blendv_ps(lo_q, hi_q, lower);
+        }
+        transpose8(r);
+        transpose8(idx);
+      }
+      if constexpr (K != 4) {
+        for (int q = 0; q < R; ++q) idx[q] = _mm256_castsi256_ps(_mm256_set1_epi32(q));
+      }
+      __m256 b = r[0], arg = idx[0];
+      for (int q = 1; q < R; ++q) {
+        __m256 lower = _mm256_cmp_ps(r[q], b, _CMP_LT_OQ);
+        if constexpr (K == 4) {  // candidates of slots out of q order: equal values go to the lower q
+          const __m256i qi = _mm256_castps_si256(idx[q]), ai = _mm256_castps_si256(arg);
+          const __m256 tie = _mm256_and_ps(_mm256_cmp_ps(r[q], b, _CMP_EQ_OQ),
+                                           _mm256_castsi256_ps(_mm256_cmpgt_epi32(ai, qi)));
+          lower = _mm256_or_ps(lower, tie);
+        }
+        b = _mm256_blendv_ps(b, r[q], lower);
+        arg = _mm256_blendv_ps(arg, idx[q], lower);
+      }
+      if constexpr (K == 1) {
+        b = natural_k1(b), arg = natural_k1(arg);
+      } else if constexpr (K == 2) {  // [g0 g2 g4 g6 | g1 g3 g5 g7] -> g0 .. g7
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        b = _mm256_permutevar8x32_ps(b, order), arg = _mm256_permutevar8x32_ps(arg, order);
+      }
+      _mm256_storeu_ps(best + j0, b);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(arg_out), _mm256_castps_si256(arg));
+      for (int i = 0; i < 8; ++i) back[j0 + i] = static_cast<uint8_t>(arg_out[i]);
+    }
+    trellis_best_predecessors<K>(cost + (vec_end << K), J - vec_end, best + vec_end, back + vec_end);
+  }
+};
+
+YAQA_AVX2 void trellis_viterbi_avx2(const float* y, const float* w, int64_t T, int64_t L, int64_t k,
+                                    const float* table, TrellisScratch& s, uint8_t* symbols) {
+  switch (k) {
+    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols, TrellisAvx2Best<1>{});
+    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols, TrellisAvx2Best<2>{});
+    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols, TrellisAvx2Best<3>{});
+    default: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols, TrellisAvx2Best<4>{});
+  }
+}
+#endif
+
+// The Viterbi search of trellis codes (csrc/trellis.h): AVX2 where the CPU has it, else the scalar loops.
+void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
+                     TrellisScratch& s, uint8_t* symbols) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= 4, "trellis codes: bits must be 1 to 4, got ", k);
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return trellis_viterbi_avx2(y, w, T, L, k, table, s, symbols);
+#endif
   switch (k) {
     case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols);
     case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols);
     case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols);
-    case 4: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
-    default: TORCH_CHECK_VALUE(false, "trellis codes: bits must be 1 to 4, got ", k);
+    default: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
   }
 }
 
