@@ -105,7 +105,6 @@ struct TrellisPolicy {
   const float* table;    // (2^L) state values
   const float* scales;   // (m)
   int64_t L, k, units_per_row, symbols;  // symbols per unit: T + (L - k) / k
-  TrellisScratch* scratch;
 
   void round_unit(const float* x, int64_t ldx, int64_t row, int64_t col, float* value, int64_t ldv,
                   Code* codes) const {
@@ -115,7 +114,8 @@ struct TrellisPolicy {
       for (int64_t c = 0; c < kUnitCols; ++c) y[r * kUnitCols + c] = x[r * ldx + c] / sr, w[r * kUnitCols + c] = sr * sr;
     }
     Code* out = codes + ((row / kUnitRows) * units_per_row + col / kUnitCols) * symbols;
-    trellis_viterbi(y, w, kLength, L, k, table, *scratch, out);
+    thread_local TrellisScratch scratch;  // the search's buffers, one set per thread (row blocks may run in parallel)
+    trellis_viterbi(y, w, kLength, L, k, table, scratch, out);
     const int64_t p = symbols - kLength;
     for (int64_t t = 0; t < kLength; ++t) {
       value[(t / kUnitCols) * ldv + t % kUnitCols] = table[trellis_state(out, t, p, k)] * scales[row + t / kUnitCols];
@@ -246,7 +246,6 @@ inline E8PRounding prepare_e8p_rounding(const at::Tensor& W, const std::optional
 // memory owned here).
 struct TrellisRounding {
   at::Tensor W, scales, table, W_hat, codes;
-  TrellisScratch scratch;
   TrellisPolicy book;
 };
 
@@ -268,7 +267,7 @@ inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, co
   const int64_t symbols = TrellisPolicy::kLength + (L - bits) / bits;
   r.W_hat = at::empty({m, n}, r.W.options());
   r.codes = at::empty({(m / u) * (n / u), symbols}, r.W.options().dtype(at::kByte));
-  r.book = TrellisPolicy{r.table.data_ptr<float>(), r.scales.data_ptr<float>(), L, bits, n / u, symbols, &r.scratch};
+  r.book = TrellisPolicy{r.table.data_ptr<float>(), r.scales.data_ptr<float>(), L, bits, n / u, symbols};
 }
 
 }  // namespace yaqa

@@ -3,6 +3,7 @@
 // left with GPTQ-style lazy updates of the input-side feedback: exact within a group of tiles, and
 // one GEMM for the columns left of the group once it is done. R_i is built lazily as well. The loop is one
 // template over the codebook policy (rounding.h), which rounds each tile unit by unit.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -139,26 +140,79 @@ void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64
 
 namespace {
 
+// One row block (rows r0 .. r0 + td_x) of the loop below, its output-side feedback already in acc (td_x x n): tiles
+// rounded right to left, the exact input-side feedback within a lazy group of tiles, one GEMM for the columns left
+// of the group once it is done; err (td_x x n) ends holding the block's errors E.
+template <class Codebook>
+void ldlq_round_row_block(const Codebook& book, const float* w, const at::Tensor& L_in, float* wh,
+                          typename Codebook::Code* cd, int64_t n, int64_t r0, int64_t td_x, int64_t td_y,
+                          at::Tensor& acc, at::Tensor& err, float* target) {
+  const float* lin = L_in.defined() ? L_in.data_ptr<float>() : nullptr;
+  float* a = acc.data_ptr<float>();
+  float* e = err.data_ptr<float>();
+  const int64_t n_tiles = n / td_y;
+  const int64_t lazy = std::max<int64_t>(1, 128 / td_y);  // tiles per lazy group
+  for (int64_t g_end = n_tiles; g_end > 0; g_end -= lazy) {
+    const int64_t g_begin = std::max<int64_t>(0, g_end - lazy);
+    const int64_t col_begin = g_begin * td_y;
+    for (int64_t j = g_end - 1; j >= g_begin; --j) {
+      const int64_t c0 = j * td_y;
+      for (int64_t r = 0; r < td_x; ++r) {
+        for (int64_t c = 0; c < td_y; ++c) target[r * td_y + c] = w[(r0 + r) * n + c0 + c] + a[r * n + c0 + c];
+      }
+      for (int64_t r = 0; r < td_x; r += Codebook::kUnitRows) {
+        for (int64_t c = 0; c < td_y; c += Codebook::kUnitCols) {
+          book.round_unit(target + r * td_y + c, td_y, r0 + r, c0 + c, wh + (r0 + r) * n + c0 + c, n, cd);
+        }
+      }
+      // The tile's rows: errors, then the exact update of the columns of this group left of the tile (a row's
+      // update only touches its own columns < c0, which no other row of the tile reads).
+      for (int64_t r = 0; r < td_x; ++r) {
+        const int64_t row = r0 + r;
+        for (int64_t c = c0; c < c0 + td_y; ++c) e[r * n + c] = w[row * n + c] - wh[row * n + c];
+        // Exact update of the columns of this group left of the tile: acc += e_tile L_in[tile, :].
+        float* arow = a + r * n;
+        for (int64_t k = c0; lin != nullptr && k < c0 + td_y; ++k) {
+          const float ek = e[r * n + k];
+          const float* lrow = lin + k * n;
+          for (int64_t c = col_begin; c < c0; ++c) arow[c] += ek * lrow[c];
+        }
+      }
+    }
+    if (col_begin > 0 && L_in.defined()) {  // the columns left of the group, in one GEMM
+      const int64_t width = (g_end - g_begin) * td_y;
+      acc.narrow(1, 0, col_begin)
+          .addmm_(err.narrow(1, col_begin, width), L_in.narrow(0, col_begin, width).narrow(1, 0, col_begin));
+    }
+  }
+}
+
 // Rounds W (m x n, contiguous fp32) into W_hat and the codebook's codes cd; L_in / L_out contiguous or undefined.
+// Without an output-side factor the row blocks are independent and run in parallel (at::parallel_for).
 template <class Codebook>
 void ldlq_round_loop(const Codebook& book, const at::Tensor& W, const at::Tensor& L_in, const at::Tensor& L_out,
                      at::Tensor& W_hat, typename Codebook::Code* cd, int64_t td_x, int64_t td_y) {
   static_assert(Codebook::kUnitRows >= 1 && Codebook::kUnitCols >= 1, "a codebook unit has at least one weight");
   check_codebook_tiles<Codebook>(td_x, td_y);
   const int64_t m = W.size(0), n = W.size(1);
-  // G = E (I + L_in) for finished row blocks; only needed when there is output-side feedback.
-  at::Tensor G = L_out.defined() ? at::zeros({m, n}, W.options()) : at::Tensor();
   const float* w = W.data_ptr<float>();
-  const float* lin = L_in.defined() ? L_in.data_ptr<float>() : nullptr;
   float* wh = W_hat.data_ptr<float>();
-  std::vector<float> target(td_x * td_y);  // W + feedback of the current tile
-  const int64_t n_tiles = n / td_y;
-  const int64_t lazy = std::max<int64_t>(1, 128 / td_y);  // tiles per lazy group
-
+  if (!L_out.defined()) {
+    at::parallel_for(0, m / td_x, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor acc = at::empty({td_x, n}, W.options()), err = at::empty({td_x, n}, W.options());
+      std::vector<float> target(td_x * td_y);  // W + feedback of the current tile
+      for (int64_t b = begin; b < end; ++b) {
+        acc.zero_();
+        ldlq_round_row_block(book, w, L_in, wh, cd, n, b * td_x, td_x, td_y, acc, err, target.data());
+      }
+    });
+    return;
+  }
+  // G = E (I + L_in) for finished row blocks: the output-side feedback of the blocks above them.
+  at::Tensor G = at::zeros({m, n}, W.options());
+  std::vector<float> target(td_x * td_y);
   at::Tensor acc = at::empty({td_x, n}, W.options());  // the feedback of the current row block
   at::Tensor err = at::empty({td_x, n}, W.options());  // E of the current row block
-  float* a = acc.data_ptr<float>();
-  float* e = err.data_ptr<float>();
   // Output-side feedback, lazily by groups of row blocks: one GEMM brings in the rows below the
   // group, and each block adds the blocks of its group below it (small GEMMs), so small tiles do
   // not reread all of G for every block.
@@ -166,63 +220,22 @@ void ldlq_round_loop(const Codebook& book, const at::Tensor& W, const at::Tensor
   at::Tensor R_group;
   int64_t group_begin = m, group_end = m;
   for (int64_t r0 = m - td_x; r0 >= 0; r0 -= td_x) {
-    at::Tensor R;
-    if (L_out.defined()) {
-      if (r0 < group_begin) {
-        group_end = r0 + td_x;
-        group_begin = std::max<int64_t>(0, group_end - row_group);
-        const int64_t below = m - group_end, rows = group_end - group_begin;
-        R_group = below > 0 ? at::mm(L_out.narrow(0, group_end, below).narrow(1, group_begin, rows).t(),
-                                     G.narrow(0, group_end, below))
-                            : at::zeros({rows, n}, W.options());
-      }
-      R = R_group.narrow(0, r0 - group_begin, td_x).clone();
-      const int64_t within = group_end - r0 - td_x;
-      if (within > 0) {
-        R.addmm_(L_out.narrow(0, r0 + td_x, within).narrow(1, r0, td_x).t(), G.narrow(0, r0 + td_x, within));
-      }
-      acc.copy_(R);
-    } else {
-      acc.zero_();
+    if (r0 < group_begin) {
+      group_end = r0 + td_x;
+      group_begin = std::max<int64_t>(0, group_end - row_group);
+      const int64_t below = m - group_end, rows = group_end - group_begin;
+      R_group = below > 0 ? at::mm(L_out.narrow(0, group_end, below).narrow(1, group_begin, rows).t(),
+                                   G.narrow(0, group_end, below))
+                          : at::zeros({rows, n}, W.options());
     }
-    for (int64_t g_end = n_tiles; g_end > 0; g_end -= lazy) {
-      const int64_t g_begin = std::max<int64_t>(0, g_end - lazy);
-      const int64_t col_begin = g_begin * td_y;
-      for (int64_t j = g_end - 1; j >= g_begin; --j) {
-        const int64_t c0 = j * td_y;
-        for (int64_t r = 0; r < td_x; ++r) {
-          for (int64_t c = 0; c < td_y; ++c) target[r * td_y + c] = w[(r0 + r) * n + c0 + c] + a[r * n + c0 + c];
-        }
-        for (int64_t r = 0; r < td_x; r += Codebook::kUnitRows) {
-          for (int64_t c = 0; c < td_y; c += Codebook::kUnitCols) {
-            book.round_unit(target.data() + r * td_y + c, td_y, r0 + r, c0 + c, wh + (r0 + r) * n + c0 + c, n, cd);
-          }
-        }
-        // The tile's rows: errors, then the exact update of the columns of this group left of the tile (a row's
-        // update only touches its own columns < c0, which no other row of the tile reads).
-        for (int64_t r = 0; r < td_x; ++r) {
-          const int64_t row = r0 + r;
-          for (int64_t c = c0; c < c0 + td_y; ++c) e[r * n + c] = w[row * n + c] - wh[row * n + c];
-          // Exact update of the columns of this group left of the tile: acc += e_tile L_in[tile, :].
-          float* arow = a + r * n;
-          for (int64_t k = c0; lin != nullptr && k < c0 + td_y; ++k) {
-            const float ek = e[r * n + k];
-            const float* lrow = lin + k * n;
-            for (int64_t c = col_begin; c < c0; ++c) arow[c] += ek * lrow[c];
-          }
-        }
-      }
-      if (col_begin > 0 && L_in.defined()) {  // the columns left of the group, in one GEMM
-        const int64_t width = (g_end - g_begin) * td_y;
-        acc.narrow(1, 0, col_begin)
-            .addmm_(err.narrow(1, col_begin, width), L_in.narrow(0, col_begin, width).narrow(1, 0, col_begin));
-      }
+    at::Tensor R = R_group.narrow(0, r0 - group_begin, td_x).clone();
+    const int64_t within = group_end - r0 - td_x;
+    if (within > 0) {
+      R.addmm_(L_out.narrow(0, r0 + td_x, within).narrow(1, r0, td_x).t(), G.narrow(0, r0 + td_x, within));
     }
-    if (G.defined()) {  // G_i = E_i (I + L_in) = (acc - R) + E_i
-      at::Tensor Gi = G.narrow(0, r0, td_x);
-      Gi.copy_(acc).add_(err);
-      if (R.defined()) Gi.sub_(R);
-    }
+    acc.copy_(R);
+    ldlq_round_row_block(book, w, L_in, wh, cd, n, r0, td_x, td_y, acc, err, target.data());
+    G.narrow(0, r0, td_x).copy_(acc).add_(err).sub_(R);  // G_i = E_i (I + L_in) = (acc - R) + E_i
   }
 }
 
