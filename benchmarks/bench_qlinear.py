@@ -4,7 +4,8 @@
         [--shapes 576x576 1536x576 2048x2048 4096x4096 11008x4096]
 
 Shapes are out x in. Prints median times and the ratios nn.Linear fp32 / ours (> 1: ours is faster) and
-nn.Linear bf16 / ours, all measured in this run; the layer's bytes read per call (packed codes and scales).
+nn.Linear bf16 / ours, all measured in this run; the layer's bytes read per call (packed codes and scales); and
+ours with bf16 activations (a bf16 model's layer) against nn.Linear bf16.
 ``--generate MODEL`` (e.g. smollm2-135m) also times greedy ``generate`` of the original model against its
 round-to-nearest quantization at ``--bits`` (every decoder linear, RHT), tokens/s, same prompt and length.
 """
@@ -69,7 +70,7 @@ def main() -> None:
         generate_speed(args.generate, args.bits, args.new_tokens, args.repeats)
     print(f"QuantizedLinear {args.bits}-bit vs nn.Linear, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'device':28s} {'shape':>11s} {'batch':>5s} {'rht':>4s} {'ours ms':>9s} {'fp32 ms':>9s} {'bf16 ms':>9s} "
-          f"{'fp32/ours':>9s} {'bf16/ours':>9s} {'ours GB/s':>9s}")
+          f"{'fp32/ours':>9s} {'bf16/ours':>9s} {'ours GB/s':>9s} {'ours16 ms':>9s} {'bf16/o16':>9s}")
     for device in args.devices:
         for shape in args.shapes:
             m, n = map(int, shape.split("x"))
@@ -85,9 +86,11 @@ def main() -> None:
                         ours = median_seconds(lambda: q(x), device, args.repeats)
                         fp32 = median_seconds(lambda: dense(x), device, args.repeats)
                         bf16 = median_seconds(lambda: dense16(x16), device, args.repeats)
+                        ours16 = median_seconds(lambda: q(x16), device, args.repeats)  # a bf16 model's activations
                     print(f"{device_name(device):28s} {shape:>11s} {batch:5d} {'yes' if rht else 'no':>4s} "
                           f"{1e3 * ours:9.3f} {1e3 * fp32:9.3f} {1e3 * bf16:9.3f} {fp32 / ours:8.2f}x "
-                          f"{bf16 / ours:8.2f}x {read / ours / 1e9:9.2f}", flush=True)
+                          f"{bf16 / ours:8.2f}x {read / ours / 1e9:9.2f} {1e3 * ours16:9.3f} {bf16 / ours16:8.2f}x",
+                          flush=True)
 
 
 if __name__ == "__main__":

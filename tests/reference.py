@@ -163,3 +163,17 @@ def gptq_reference(W: Tensor, H: Tensor, scales: Tensor, zeros: Tensor, bits: in
         err = (Wr[:, i] - ((q - z[:, i]) * s[:, i]).double()) / U[i, i]
         Wr[:, i + 1 :] -= err[:, None] * U[i, i + 1 :][None, :]
     return codes
+
+
+def quantized_matmul_reference(x: Tensor, W_hat: Tensor, rht=None, gemm_dtype: torch.dtype | None = None) -> Tensor:
+    """``x W_hat^T`` (with an RHT: ``output_inverse(input_transform(x) W_hat^T)``) in fp64; with ``gemm_dtype`` the
+    product as a half-precision GEMM computes it: its (transformed) activations and the weights rounded to that
+    dtype, exact sums, the product rounded to it before the output transform."""
+    xt = x.double() if rht is None else rht.input_transform(x.double())
+    W = W_hat.double()
+    if gemm_dtype is not None:
+        xt, W = xt.to(gemm_dtype).double(), W.to(gemm_dtype).double()
+    y = xt @ W.T
+    if gemm_dtype is not None:
+        y = y.to(gemm_dtype).double()
+    return y if rht is None else rht.output_inverse(y)

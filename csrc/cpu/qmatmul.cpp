@@ -316,6 +316,16 @@ at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, cons
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+// y_tile = x tile^T for the large-batch paths: in x's own dtype when that is fp16 / bf16 (the CPU's half-precision
+// GEMM with fp32 accumulation, as nn.Linear runs such a model), else in the compute type.
+void tile_product(const at::Tensor& xa, const at::Tensor& tile, at::ScalarType x_type, at::Tensor y_tile) {
+  if (x_type == at::kHalf || x_type == at::kBFloat16) {
+    y_tile.copy_(at::mm(xa.to(x_type), tile.to(x_type).t()));
+  } else {
+    y_tile.copy_(at::mm(xa, tile.t()));
+  }
+}
+
 // The packed E8P weight (csrc/e8p.h): per unit of 8 weights `bits` little-endian bytes of its code.
 struct E8PPacked {
   const uint8_t* codes;
@@ -677,7 +687,7 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
         std::vector<scalar_t> c(padded);
         dequantize_rows_any(w, j0, grid, tile.data_ptr<scalar_t>(), c.data(), begin, end);
       });
-      y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
+      tile_product(xa, tile.narrow(0, 0, rows), x.scalar_type(), y.narrow(1, j0, rows));
     }
   });
   return rht_output(y, x, ct, sign_out, had_out);
@@ -715,7 +725,7 @@ at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
         e8p_dequantize_rows_any(w, sp, j0, tile.data_ptr<scalar_t>(), begin, end);
       });
-      y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
+      tile_product(xa, tile.narrow(0, 0, rows), x.scalar_type(), y.narrow(1, j0, rows));
     }
   });
   return rht_output(y, x, ct, sign_out, had_out);
@@ -752,7 +762,7 @@ at::Tensor trellis_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
           trellis_decode_block_any(w, sp, j0 / 16 + b, tile.data_ptr<scalar_t>() + b * 16 * n);
         }
       });
-      y.narrow(1, j0, rows).copy_(at::mm(xa, tile.narrow(0, 0, rows).t()));
+      tile_product(xa, tile.narrow(0, 0, rows), x.scalar_type(), y.narrow(1, j0, rows));
     }
   });
   return rht_output(y, x, ct, sign_out, had_out);
