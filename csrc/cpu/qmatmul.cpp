@@ -39,6 +39,10 @@ constexpr int64_t kTrellisRowBatch = 4;
 constexpr int64_t kTokenChunk = 8;   // tokens per pass of the fused path (their accumulators fill the registers)
 constexpr int64_t kTileRows = 256;  // rows dequantized per GEMM on the large-batch path
 
+// Rows per thread of the small-batch paths: at least 2^19 weights each (a thread's start costs microseconds; a
+// 576 x 576 layer at one token is ~30 us of work: measured slower on two threads than on one).
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(n, 1)); }
+
 // B <= 4 little-endian bytes as an integer (3 bytes composed by hand: a 3-byte memcpy may become a library call).
 template <int B>
 YAQA_INLINE uint32_t load_le(const uint8_t* p) {
@@ -674,7 +678,7 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     const scalar_t* xp = xa.data_ptr<scalar_t>();
     if (T <= kSmallBatch) {
       const std::vector<scalar_t> xsum = group_sums(xp, T, n, group_size);
-      at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, m, row_grain(n), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> c(padded);
         dot_rows_any(w, xp, xsum.data(), T, grid, y.data_ptr<scalar_t>(), c.data(), begin, end);
       });
@@ -713,7 +717,7 @@ at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     const scalar_t* xp = xa.data_ptr<scalar_t>();
     const scalar_t* sp = s.data_ptr<scalar_t>();
     if (T <= kSmallBatch) {
-      at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, m, row_grain(n), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> v(2 * n);
         e8p_dot_rows_any(w, sp, xp, T, y.data_ptr<scalar_t>(), v.data(), begin, end);
       });
@@ -749,7 +753,7 @@ at::Tensor trellis_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
     const scalar_t* xp = xa.data_ptr<scalar_t>();
     const float* sp = s.data_ptr<float>();
     if (T <= kTrellisRowBatch) {
-      at::parallel_for(0, m / 16, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, m / 16, row_grain(n) / 16, [&](int64_t begin, int64_t end) {
         trellis_rows_any(w, sp, xp, T, y.data_ptr<scalar_t>(), begin, end);
       });
       return;
