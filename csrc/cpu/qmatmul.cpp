@@ -37,7 +37,7 @@ constexpr int64_t kSmallBatch = 16;  // up to this many tokens: the row-by-row d
 // (2048 x 2048, one thread: 4 tokens 2.4 ms by rows, 2.7 by tiles; 8 tokens 4.1 by rows, 16 tokens 4.2 by tiles).
 constexpr int64_t kTrellisRowBatch = 4;
 constexpr int64_t kTokenChunk = 8;   // tokens per pass of the fused path (their accumulators fill the registers)
-constexpr int64_t kTileRows = 256;  // rows dequantized per GEMM on the large-batch path
+constexpr int64_t kTileRows = 256;  // the fewest rows dequantized per GEMM on the large-batch paths
 
 // Rows per thread of the small-batch paths: at least 2^19 weights each (a thread's start costs microseconds; a
 // 576 x 576 layer at one token is ~30 us of work: measured slower on two threads than on one).
@@ -164,10 +164,7 @@ void dot_rows_any(const Packed& w, const double* x, const double* xsum, int64_t 
                   double* c, int64_t begin, int64_t end) {
   dot_rows<double>(w, x, xsum, T, grid, y, c, begin, end);
 }
-void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, float* tile, float* c, int64_t begin,
-                         int64_t end) {
-  dequantize_rows_f32(w, j0, grid, tile, c, begin, end);
-}
+
 void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, double* tile, double* c, int64_t begin,
                          int64_t end) {
   dequantize_rows<double>(w, j0, grid, tile, c, begin, end);
@@ -280,6 +277,40 @@ bool fused_small_batch(const Packed& w, const float* x, const float* xsum, int64
   }
   return true;
 }
+
+// Rows [begin, end) of the tile starting at row j0, dequantized with AVX2: 8 codes at a time shifted out of one word
+// (decode8) into (c - z) s, the same values as dequantize_rows.
+template <int B>
+__attribute__((target("avx2,fma"))) void fused_dequantize(const Packed& w, int64_t j0, const Grid& grid, float* tile,
+                                                          int64_t begin, int64_t end) {
+  const int64_t n = w.n, blocks = w.group_size / 8;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t j = j0 + r;
+    const uint8_t* row = w.codes + j * w.row_bytes;
+    const float* sj = static_cast<const float*>(grid.s) + j * grid.s_stride;
+    const float* zj = static_cast<const float*>(grid.z) + j * grid.z_stride;
+    for (int64_t g = 0; g < n / w.group_size; ++g) {
+      const __m256 s = _mm256_set1_ps(sj[g]), z = _mm256_set1_ps(zj[g]);
+      for (int64_t c = g * blocks; c < (g + 1) * blocks; ++c) {
+        _mm256_storeu_ps(tile + r * n + c * 8, _mm256_mul_ps(_mm256_sub_ps(decode8<B>(row, c), z), s));
+      }
+    }
+  }
+}
+
+// The fused tile path if this machine and layout allow it; false otherwise.
+bool fused_tile(const Packed& w, int64_t j0, const Grid& grid, float* tile, int64_t begin, int64_t end) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!avx2 || !((w.bits >= 1 && w.bits <= 4) || w.bits == 8) || w.group_size % 8 != 0) return false;
+  switch (w.bits) {
+    case 1: fused_dequantize<1>(w, j0, grid, tile, begin, end); break;
+    case 2: fused_dequantize<2>(w, j0, grid, tile, begin, end); break;
+    case 3: fused_dequantize<3>(w, j0, grid, tile, begin, end); break;
+    case 4: fused_dequantize<4>(w, j0, grid, tile, begin, end); break;
+    default: fused_dequantize<8>(w, j0, grid, tile, begin, end); break;
+  }
+  return true;
+}
 #endif
 
 void dot_rows_any(const Packed& w, const float* x, const float* xsum, int64_t T, const Grid& grid, float* y, float* c,
@@ -288,6 +319,14 @@ void dot_rows_any(const Packed& w, const float* x, const float* xsum, int64_t T,
   if (fused_small_batch(w, x, xsum, T, grid, y, begin, end)) return;
 #endif
   dot_rows_f32(w, x, xsum, T, grid, y, c, begin, end);
+}
+
+void dequantize_rows_any(const Packed& w, int64_t j0, const Grid& grid, float* tile, float* c, int64_t begin,
+                         int64_t end) {
+#ifdef YAQA_FUSED_AVX2
+  if (fused_tile(w, j0, grid, tile, begin, end)) return;
+#endif
+  dequantize_rows_f32(w, j0, grid, tile, c, begin, end);
 }
 
 template <typename acc_t>
@@ -320,13 +359,21 @@ at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, cons
   return y.to(x.scalar_type()).view(out_shape);
 }
 
-// y_tile = x tile^T for the large-batch paths: in x's own dtype when that is fp16 / bf16 (the CPU's half-precision
-// GEMM with fp32 accumulation, as nn.Linear runs such a model), else in the compute type.
-void tile_product(const at::Tensor& xa, const at::Tensor& tile, at::ScalarType x_type, at::Tensor y_tile) {
-  if (x_type == at::kHalf || x_type == at::kBFloat16) {
-    y_tile.copy_(at::mm(xa.to(x_type), tile.to(x_type).t()));
-  } else {
-    y_tile.copy_(at::mm(xa, tile.t()));
+// y (T x m) = xa W_hat^T for the large-batch paths: decode(j0, rows, tile) dequantizes rows j0 .. j0 + rows of
+// W_hat into tile (a multiple of 16 rows at a time, about 2^21 weights), each tile multiplied by a GEMM, so the
+// weight is never materialised whole. The GEMM runs in x's own dtype when that is fp16 / bf16 (the CPU's
+// half-precision GEMM with fp32 accumulation, as nn.Linear runs such a model), else in the compute type.
+template <typename scalar_t, class Decode>
+void tiled_product(const at::Tensor& xa, at::ScalarType x_type, int64_t m, int64_t n, at::Tensor& y, Decode decode) {
+  const bool half = x_type == at::kHalf || x_type == at::kBFloat16;
+  const at::Tensor xg = half ? xa.to(x_type) : xa;
+  const int64_t tile_rows = std::min(m, std::max(kTileRows, ((int64_t{1} << 21) / n) / 16 * 16));
+  at::Tensor tile = at::empty({tile_rows, n}, xa.options());
+  for (int64_t j0 = 0; j0 < m; j0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, m - j0);
+    decode(j0, rows, tile.data_ptr<scalar_t>());
+    const at::Tensor t = tile.narrow(0, 0, rows);
+    y.narrow(1, j0, rows).copy_(at::mm(xg, (half ? t.to(x_type) : t).t()));
   }
 }
 
@@ -684,15 +731,12 @@ at::Tensor int_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       });
       return;
     }
-    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options());
-    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
-      const int64_t rows = std::min(kTileRows, m - j0);
+    tiled_product<scalar_t>(xa, x.scalar_type(), m, n, y, [&](int64_t j0, int64_t rows, scalar_t* tile) {
       at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> c(padded);
-        dequantize_rows_any(w, j0, grid, tile.data_ptr<scalar_t>(), c.data(), begin, end);
+        dequantize_rows_any(w, j0, grid, tile, c.data(), begin, end);
       });
-      tile_product(xa, tile.narrow(0, 0, rows), x.scalar_type(), y.narrow(1, j0, rows));
-    }
+    });
   });
   return rht_output(y, x, ct, sign_out, had_out);
 }
@@ -723,14 +767,11 @@ at::Tensor e8p_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       });
       return;
     }
-    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options());
-    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {
-      const int64_t rows = std::min(kTileRows, m - j0);
+    tiled_product<scalar_t>(xa, x.scalar_type(), m, n, y, [&](int64_t j0, int64_t rows, scalar_t* tile) {
       at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-        e8p_dequantize_rows_any(w, sp, j0, tile.data_ptr<scalar_t>(), begin, end);
+        e8p_dequantize_rows_any(w, sp, j0, tile, begin, end);
       });
-      tile_product(xa, tile.narrow(0, 0, rows), x.scalar_type(), y.narrow(1, j0, rows));
-    }
+    });
   });
   return rht_output(y, x, ct, sign_out, had_out);
 }
@@ -758,16 +799,11 @@ at::Tensor trellis_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, co
       });
       return;
     }
-    at::Tensor tile = at::empty({std::min(kTileRows, m), n}, xa.options());
-    for (int64_t j0 = 0; j0 < m; j0 += kTileRows) {  // kTileRows is a multiple of 16
-      const int64_t rows = std::min(kTileRows, m - j0);
-      at::parallel_for(0, rows / 16, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          trellis_decode_block_any(w, sp, j0 / 16 + b, tile.data_ptr<scalar_t>() + b * 16 * n);
-        }
+    tiled_product<scalar_t>(xa, x.scalar_type(), m, n, y, [&](int64_t j0, int64_t rows, scalar_t* tile) {
+      at::parallel_for(0, rows / 16, 1, [&](int64_t begin, int64_t end) {  // tiles are multiples of 16 rows
+        for (int64_t b = begin; b < end; ++b) trellis_decode_block_any(w, sp, j0 / 16 + b, tile + b * 16 * n);
       });
-      tile_product(xa, tile.narrow(0, 0, rows), x.scalar_type(), y.narrow(1, j0, rows));
-    }
+    });
   });
   return rht_output(y, x, ct, sign_out, had_out);
 }
