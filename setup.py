@@ -37,17 +37,28 @@ SANITIZE = os.environ.get("YAQA_SANITIZE") == "1"
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
 
 
+def _openmp_link_args() -> list[str]:
+    """Link torch's own OpenMP runtime (torch/lib/libgomp*.so*, under whatever name this torch ships it), so the
+    extension's parallel regions and torch's share one runtime and one thread count; the system's libgomp only
+    when torch bundles none."""
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    bundled = sorted(glob.glob(os.path.join(lib, "libgomp*.so*")))
+    if not bundled:
+        return ["-fopenmp"]
+    return [f"-L{lib}", f"-l:{os.path.basename(bundled[0])}", "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{lib}"]
+
+
 def _extension():
     debug = os.environ.get("YAQA_DEBUG") == "1"
     opt = ["-O1", "-g", *SANITIZER_FLAGS] if SANITIZE else ["-O0", "-g"] if debug else ["-O3"]
     # OpenMP: at::parallel_for in the CPU kernels runs its chunks on torch's threads (without it, in one thread);
-    # the extension shares torch's own libgomp (same soname, already loaded).
+    # linked against torch's own libgomp (_openmp_link_args).
     cxx = [*opt, "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if SANITIZE or not _use_cuda():
         print("yaqa_ext: building the CPU-only extension" + (" with ASan and UBSan" if SANITIZE else ""))
         return CppExtension("yaqa_ext._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True,
-                            extra_link_args=["-fopenmp", *(SANITIZER_FLAGS if SANITIZE else [])])
+                            extra_link_args=[*_openmp_link_args(), *(SANITIZER_FLAGS if SANITIZE else [])])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"yaqa_ext: building with CUDA {torch.version.cuda} for arch {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -60,8 +71,8 @@ def _extension():
         # libtorch_cuda_linalg holds ATen's cuSOLVER handle pool; torch loads it lazily, so the
         # extension finds it through an rpath to torch/lib (installed or editable layout).
         libraries=["cublas", "cusolver", "torch_cuda_linalg"],
-        extra_link_args=["-fopenmp", *(f"-Wl,-rpath,{p}" for p in ("$ORIGIN/../torch/lib",
-                                                                   os.path.join(os.path.dirname(torch.__file__), "lib")))],
+        extra_link_args=[*_openmp_link_args(), *(f"-Wl,-rpath,{p}" for p in (
+            "$ORIGIN/../torch/lib", os.path.join(os.path.dirname(torch.__file__), "lib")))],
         py_limited_api=True,
     )
 

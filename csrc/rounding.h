@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -105,6 +106,7 @@ struct TrellisPolicy {
   const float* table;    // (2^L) state values
   const float* scales;   // (m)
   int64_t L, k, units_per_row, symbols;  // symbols per unit: T + (L - k) / k
+  TrellisScratch* scratch;  // one per thread of the op (row blocks may run in parallel), freed when it returns
 
   void round_unit(const float* x, int64_t ldx, int64_t row, int64_t col, float* value, int64_t ldv,
                   Code* codes) const {
@@ -114,8 +116,7 @@ struct TrellisPolicy {
       for (int64_t c = 0; c < kUnitCols; ++c) y[r * kUnitCols + c] = x[r * ldx + c] / sr, w[r * kUnitCols + c] = sr * sr;
     }
     Code* out = codes + ((row / kUnitRows) * units_per_row + col / kUnitCols) * symbols;
-    thread_local TrellisScratch scratch;  // the search's buffers, one set per thread (row blocks may run in parallel)
-    trellis_viterbi(y, w, kLength, L, k, table, scratch, out);
+    trellis_viterbi(y, w, kLength, L, k, table, scratch[at::get_thread_num()], out);
     const int64_t p = symbols - kLength;
     for (int64_t t = 0; t < kLength; ++t) {
       value[(t / kUnitCols) * ldv + t % kUnitCols] = table[trellis_state(out, t, p, k)] * scales[row + t / kUnitCols];
@@ -246,6 +247,7 @@ inline E8PRounding prepare_e8p_rounding(const at::Tensor& W, const std::optional
 // memory owned here).
 struct TrellisRounding {
   at::Tensor W, scales, table, W_hat, codes;
+  std::vector<TrellisScratch> scratch;
   TrellisPolicy book;
 };
 
@@ -267,7 +269,9 @@ inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, co
   const int64_t symbols = TrellisPolicy::kLength + (L - bits) / bits;
   r.W_hat = at::empty({m, n}, r.W.options());
   r.codes = at::empty({(m / u) * (n / u), symbols}, r.W.options().dtype(at::kByte));
-  r.book = TrellisPolicy{r.table.data_ptr<float>(), r.scales.data_ptr<float>(), L, bits, n / u, symbols};
+  r.scratch.resize(static_cast<size_t>(at::get_num_threads()));
+  r.book = TrellisPolicy{r.table.data_ptr<float>(), r.scales.data_ptr<float>(), L, bits, n / u, symbols,
+                         r.scratch.data()};
 }
 
 }  // namespace yaqa

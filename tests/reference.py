@@ -165,6 +165,16 @@ def gptq_reference(W: Tensor, H: Tensor, scales: Tensor, zeros: Tensor, bits: in
     return codes
 
 
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether the CPU multiplies ``dtype`` natively (Linux CPU flags avx512_bf16 / avx512_fp16), where the CPU
+    quantized matmuls' large-batch path runs its GEMM in the activations' half precision."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}.get(dtype) in flags
+
+
 def quantized_matmul_reference(x: Tensor, W_hat: Tensor, rht=None, gemm_dtype: torch.dtype | None = None) -> Tensor:
     """``x W_hat^T`` (with an RHT: ``output_inverse(input_transform(x) W_hat^T)``) in fp64; with ``gemm_dtype`` the
     product as a half-precision GEMM computes it: its (transformed) activations and the weights rounded to that

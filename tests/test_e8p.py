@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 from conftest import CUDA_OK, tiny_model
-from reference import quantized_matmul_reference, tile_ldlq_reference
+from reference import native_half_gemm, quantized_matmul_reference, tile_ldlq_reference
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
@@ -178,9 +178,9 @@ def test_matmul_dtypes_and_rht(dtype, rht, tokens):
     t = RHT(m, n, seed=5) if rht else None
     y = ops.e8p_matmul(x, qweight, scales, e8p_abs_grid(), bits, *(() if t is None else t.fused_args(x.device)))
     assert y.dtype == dtype and y.shape == (2, tokens, m)
-    # Beyond 16 tokens half-precision activations meet the decoded tiles in a GEMM of their own dtype (as
-    # nn.Linear computes such a model); up to 16, fp32 maths inside
-    half_gemm = dtype in (torch.float16, torch.bfloat16) and tokens > 16
+    # Beyond 16 tokens half-precision activations meet the decoded tiles in a GEMM of their own dtype where the CPU
+    # multiplies it natively (as nn.Linear computes such a model); else, and up to 16 tokens, fp32 maths inside
+    half_gemm = dtype in (torch.float16, torch.bfloat16) and tokens > 16 and native_half_gemm(dtype)
     ref = quantized_matmul_reference(x, W_hat, t, dtype if half_gemm else None)
     # fp64 in: fp64 maths (1e-10); fp16 / bf16 out: the output's rounding (and fp32 sums, RHT roundings)
     tol = {torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]

@@ -359,13 +359,24 @@ at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, cons
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+// Whether this CPU multiplies fp16 / bf16 natively (AVX512-FP16 / AVX512-BF16): elsewhere PyTorch's half-precision
+// GEMM is a generic loop several times slower than the fp32 one.
+bool native_half_gemm(at::ScalarType t) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16"), fp16 = __builtin_cpu_supports("avx512fp16");
+  return (t == at::kBFloat16 && bf16) || (t == at::kHalf && fp16);
+#else
+  return false;
+#endif
+}
+
 // y (T x m) = xa W_hat^T for the large-batch paths: decode(j0, rows, tile) dequantizes rows j0 .. j0 + rows of
 // W_hat into tile (a multiple of 16 rows at a time, about 2^21 weights), each tile multiplied by a GEMM, so the
-// weight is never materialised whole. The GEMM runs in x's own dtype when that is fp16 / bf16 (the CPU's
-// half-precision GEMM with fp32 accumulation, as nn.Linear runs such a model), else in the compute type.
+// weight is never materialised whole. The GEMM runs in x's own dtype when that is fp16 / bf16 and the CPU has
+// native half-precision products (fp32 accumulation, as nn.Linear runs such a model), else in the compute type.
 template <typename scalar_t, class Decode>
 void tiled_product(const at::Tensor& xa, at::ScalarType x_type, int64_t m, int64_t n, at::Tensor& y, Decode decode) {
-  const bool half = x_type == at::kHalf || x_type == at::kBFloat16;
+  const bool half = native_half_gemm(x_type);
   const at::Tensor xg = half ? xa.to(x_type) : xa;
   const int64_t tile_rows = std::min(m, std::max(kTileRows, ((int64_t{1} << 21) / n) / 16 * 16));
   at::Tensor tile = at::empty({tile_rows, n}, xa.options());

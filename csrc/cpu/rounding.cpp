@@ -18,8 +18,10 @@
 namespace yaqa {
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define YAQA_AVX2 __attribute__((target("avx2,fma")))
-#define YAQA_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+// AVX2 without FMA: the search's costs must round as the scalar loop's do (an FMA would contract
+// best + w * d * d and change which sequence wins on some units).
+#define YAQA_AVX2 __attribute__((target("avx2")))
+#define YAQA_AVX2_INLINE __attribute__((target("avx2"), always_inline)) inline
 
 // trellis_best_predecessors with AVX2, 8 groups of Q = 2^K consecutive costs at a time: the groups transposed so
 // that vector q holds element q of each group (natural group order after `order`), then the first minimum over q
@@ -127,7 +129,7 @@ void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64
                      TrellisScratch& s, uint8_t* symbols) {
   TORCH_CHECK_VALUE(k >= 1 && k <= 4, "trellis codes: bits must be 1 to 4, got ", k);
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2) return trellis_viterbi_avx2(y, w, T, L, k, table, s, symbols);
 #endif
   switch (k) {

@@ -234,7 +234,7 @@ __device__ __forceinline__ float trellis_value(const TrellisArgs& w, int64_t row
 }
 
 // GEMV for up to kSmallBatch tokens: one warp per output row, lane l decoding the row's weights l, l + 32, ...
-// (coalesced reads of x), times the row's scale after the shuffle reduction.
+// (coalesced reads of x), each the fp32 product value * scale (exactly the rounding's W_hat, also for fp64 x).
 template <typename acc_t>
 __global__ void trellis_gemv_kernel(TrellisArgs w, const acc_t* __restrict__ x, const float* __restrict__ scales,
                                     acc_t* __restrict__ y, int T) {
@@ -244,20 +244,20 @@ __global__ void trellis_gemv_kernel(TrellisArgs w, const acc_t* __restrict__ x, 
   acc_t acc[kSmallBatch];
 #pragma unroll
   for (int t = 0; t < kSmallBatch; ++t) acc[t] = acc_t(0);
+  const float s = scales[row];
   for (int64_t col = lane; col < w.n; col += 32) {
-    const acc_t v = static_cast<acc_t>(trellis_value(w, row, col));
+    const acc_t v = static_cast<acc_t>(trellis_value(w, row, col) * s);
 #pragma unroll
     for (int t = 0; t < kSmallBatch; ++t) {
       if (t < T) acc[t] += v * x[t * w.n + col];
     }
   }
-  const acc_t s = static_cast<acc_t>(scales[row]);
 #pragma unroll
   for (int t = 0; t < kSmallBatch; ++t) {
     if (t >= T) break;
     acc_t sum = acc[t];
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane == 0) y[t * w.m + row] = s * sum;
+    if (lane == 0) y[t * w.m + row] = sum;
   }
 }
 
