@@ -51,7 +51,10 @@ def test_activation_dtypes_and_batch_shapes(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize(("m", "n", "tokens"), [(576, 1536, 1), (1536, 576, 5), (48, 64, 64)])
+# Small factors of order 12 / 36 (register-resident sums), 172 (the run-time-order loop) and 20 at the last token
+# count of the few-row transform (16), and the batched path (64 tokens).
+@pytest.mark.parametrize(("m", "n", "tokens"), [(576, 1536, 1), (1536, 576, 5), (344, 688, 3), (40, 80, 16),
+                                               (48, 64, 64)])
 def test_rht_around_the_product(dtype, m, n, tokens):
     """With the sign vectors and small factors of an RHT the op computes ``(H_m^T)((H_n (x S_U)) W_hat^T) S_V``:
     compared with the dense orthonormal Hadamard matrices (hadamard_matrix) applied in fp64."""

@@ -23,6 +23,7 @@
 
 #include "../ops.h"
 #include "../e8p.h"
+#include "../hadamard.h"
 #include "../qmatmul.h"
 #include "../trellis.h"
 #include "vector_clones.h"
@@ -343,11 +344,35 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The RHT of a few rows (T <= kSmallBatch), in place in buf (T x n, the compute type): Had (buf * before) * after.
+// hadamard_rows on the raw buffer: at decode the transform is ~1 us, and ATen calls around it cost several.
+void rht_rows(at::Tensor& buf, const std::optional<at::Tensor>& had, const std::optional<at::Tensor>& before,
+              const std::optional<at::Tensor>& after) {
+  const int64_t c = check_hadamard_args(buf, had);
+  const auto ct = buf.scalar_type();
+  auto as_ct = [&](const std::optional<at::Tensor>& s) {
+    return !s.has_value() ? at::Tensor() : (s->scalar_type() == ct ? s->contiguous() : s->to(ct).contiguous());
+  };
+  const at::Tensor b = as_ct(before), a = as_ct(after);
+  const at::Tensor h = had.has_value() ? had->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(ct, "rht_rows", [&] {
+    scalar_t* p = buf.data_ptr<scalar_t>();
+    hadamard_rows<scalar_t>(p, p, buf.size(0), buf.size(1), h.defined() ? h.data_ptr<float>() : nullptr, c,
+                            b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                            a.defined() ? a.data_ptr<scalar_t>() : nullptr);
+  });
+}
+
 // x as (T, n) in the compute type; with an RHT, the transformed input x S_U Had_n^T.
 at::Tensor rht_input(const at::Tensor& x, int64_t n, at::ScalarType ct, const std::optional<at::Tensor>& sign_in,
                      const std::optional<at::Tensor>& had_in) {
-  const at::Tensor flat = x.reshape({-1, n}).to(ct);
-  return (sign_in.has_value() ? hadamard_transform_cpu(flat * sign_in->to(ct), had_in) : flat).contiguous();
+  const at::Tensor flat = x.reshape({-1, n});
+  if (sign_in.has_value() && flat.size(0) <= kSmallBatch) {
+    at::Tensor buf = flat.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();  // a fresh buffer, transformed
+    rht_rows(buf, had_in, sign_in, std::nullopt);
+    return buf;
+  }
+  return (sign_in.has_value() ? hadamard_transform_cpu(flat.to(ct) * sign_in->to(ct), had_in) : flat.to(ct)).contiguous();
 }
 
 // y (T, m) in the compute type, with an RHT y Had_m S_V, as x's dtype and shape (..., m).
@@ -355,8 +380,12 @@ at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, cons
                       const std::optional<at::Tensor>& had_out) {
   auto out_shape = x.sizes().vec();
   out_shape.back() = y.size(1);
-  if (sign_out.has_value()) y = hadamard_transform_cpu(y, had_out).mul_(sign_out->to(ct));
-  return y.to(x.scalar_type()).view(out_shape);
+  if (sign_out.has_value() && y.size(0) <= kSmallBatch) {
+    rht_rows(y, had_out, std::nullopt, sign_out);  // y is the op's own contiguous buffer
+  } else if (sign_out.has_value()) {
+    y = hadamard_transform_cpu(y, had_out).mul_(sign_out->to(ct));
+  }
+  return (y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type())).view(out_shape);
 }
 
 // Whether this CPU multiplies fp16 / bf16 natively (AVX512-FP16 / AVX512-BF16): elsewhere PyTorch's half-precision

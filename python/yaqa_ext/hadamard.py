@@ -175,10 +175,16 @@ class RHT:
 
     def fused_args(self, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """``(sign_in, had_in, sign_out, had_out)`` on ``device``: the arguments that make an op (e.g.
-        :func:`yaqa_ext.ops.int_matmul`) apply :meth:`input_transform` before and :meth:`output_inverse` after."""
-        c_in, c_out = hadamard_factor(self.sign_in.numel())[1], hadamard_factor(self.sign_out.numel())[1]
-        return (self.sign_in.to(device), _small_factor(c_in, False, device), self.sign_out.to(device),
-                _small_factor(c_out, True, device))
+        :func:`yaqa_ext.ops.int_matmul`) apply :meth:`input_transform` before and :meth:`output_inverse` after.
+        Kept for the last device (a quantized layer calls this on every forward; at decode it cost as much as the
+        transforms themselves)."""
+        cached = self.__dict__.get("_fused_args")
+        if cached is None or cached[0] != device:
+            c_in, c_out = hadamard_factor(self.sign_in.numel())[1], hadamard_factor(self.sign_out.numel())[1]
+            cached = self.__dict__["_fused_args"] = (device, (
+                self.sign_in.to(device), _small_factor(c_in, False, device), self.sign_out.to(device),
+                _small_factor(c_out, True, device)))
+        return cached[1]
 
     def _signs(self, t: Tensor, what: str, shape: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         """The sign vectors in ``t``'s dtype and device, once ``t`` has the shape the RHT needs: ``shape`` of
