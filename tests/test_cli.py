@@ -151,6 +151,19 @@ def test_run_with_datafree_and_lowrank_methods(shared, tmp_path):
     assert table.index("| rtn |") < table.index("| rtn+qera-exact:4 |") < table.index("| datafree |")
 
 
+def test_run_skip_keeps_modules_unquantized_in_every_row(shared, tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path), "--methods", "rtn", "--bits", "4", "--n-seqs", "8", "--seq-len", "64",
+            "--eval-seqs", "4", "--eval-len", "64", "--device", "cpu", "--skip", r"mlp\.", "--skip", r"\.q_proj"]
+    assert main(args) == 0
+    layers = json.loads((tmp_path / "layers" / "rtn-4bit-seed0.json").read_text())
+    # stories260K: 5 blocks; of q, k, v, o and the three MLP matrices only k, v and o are quantized
+    assert sorted(layer["name"] for layer in layers) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(5) for p in ("k_proj", "v_proj", "o_proj"))
+    with pytest.raises(SystemExit):  # rows of another selection are never mixed into one table
+        main(args[:-2])
+    assert "differing: skip" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("gptq", "unknown method 'gptq'"),
     ("yaqa-B+pca:8", "bad low-rank term in 'yaqa-B\\+pca:8'"),

@@ -197,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-rht", action="store_true", help="quantize without the random Hadamard transform")
     run.add_argument("--tile", type=int, default=None, help="td_x = td_y (default: QuantConfig's, 2)")
     run.add_argument("--scale", choices=["channel", "tensor"], default="channel", help="grid scale (default: %(default)s)")
+    run.add_argument("--skip", type=_regex, action="append", default=[],
+                     help="regex of module names to keep unquantized in every row (repeatable), e.g. to compare "
+                          "codebooks on the matrices all of them can code")
     _quantizer_argument(run)
     run.add_argument("--device", type=_device, default=default_device, help="default: %(default)s")
     _rounding_arguments(run)
@@ -414,6 +417,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             config["quantizer"] = args.quantizer
         if args.tile is not None:
             config["td_x"] = config["td_y"] = args.tile
+        if args.skip:
+            config["skip"] = args.skip
         if args.finetune_epochs or args.finetune_e2e_epochs:
             config.update(finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                           finetune_e2e_epochs=args.finetune_e2e_epochs)
