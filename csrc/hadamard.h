@@ -41,8 +41,15 @@ inline void check_half_range(const at::Tensor& x, const at::Tensor& out) {
                     "as float32 or bfloat16");
 }
 
+// Whether hadamard_rows takes a small factor of order c (1: none): only the orders whose block product keeps its
+// sums in registers. For the larger ones (108 - 172) it is slower than the GEMM path even for one row (measured:
+// 11008 = 64 x 172, one row, 179 us against 75 us).
+inline bool hadamard_rows_fits(int64_t c) {
+  return c == 1 || c == 12 || c == 20 || c == 28 || c == 36 || c == 52 || c == 60;
+}
+
 // CPU: rows x n of x (contiguous, float or double) into out: out_r = Had (x_r * before) * after, the same transform
-// as hadamard_transform with the small factor had (c x c, nullptr when c = 1); before / after are optional sign
+// as hadamard_transform with the small factor had (c x c, nullptr when c = 1; hadamard_rows_fits(c)); before / after are optional sign
 // vectors (nullptr: none). For a few rows (csrc/cpu/hadamard.cpp); out may be x itself.
 template <typename acc_t>
 void hadamard_rows(const acc_t* x, acc_t* out, int64_t rows, int64_t n, const float* had, int64_t c,

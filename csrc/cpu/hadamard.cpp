@@ -52,9 +52,9 @@ void butterflies_any(double* buf, int64_t n, int64_t c, int64_t begin, int64_t e
 }
 
 // out[a + i] = sum_j in[a + j] had[i, j] for each block of c (a = 0, c, ...): axpys over rows of hT = had^T, so the
-// inner loop runs along contiguous memory without horizontal sums. For the orders up to 60 the order is a constant
-// and a block's c sums stay in registers across the j loop (with c known only at run time they round-trip through
-// memory on every j: ~3x slower at c = 36).
+// inner loop runs along contiguous memory without horizontal sums. The order is a compile-time constant, so a
+// block's c sums stay in registers across the j loop (with c known only at run time they round-trip through memory
+// on every j: ~3x slower at c = 36, and beyond order 60 slower than the GEMM path: see hadamard_rows_fits).
 template <typename acc_t, int C>
 inline void small_factor_fixed(const acc_t* __restrict in, const acc_t* __restrict hT, acc_t* __restrict out,
                                int64_t n) {
@@ -78,15 +78,7 @@ inline void small_factor(const acc_t* __restrict in, const acc_t* __restrict hT,
     case 36: return small_factor_fixed<acc_t, 36>(in, hT, out, n);
     case 52: return small_factor_fixed<acc_t, 52>(in, hT, out, n);
     case 60: return small_factor_fixed<acc_t, 60>(in, hT, out, n);
-    default: break;
-  }
-  for (int64_t a = 0; a < n; a += c) {
-    for (int64_t i = 0; i < c; ++i) out[a + i] = 0;
-    for (int64_t j = 0; j < c; ++j) {
-      const acc_t v = in[a + j];
-      const acc_t* h = hT + j * c;
-      for (int64_t i = 0; i < c; ++i) out[a + i] += v * h[i];
-    }
+    default: TORCH_CHECK(false, "hadamard_rows: no register-resident loop for a small factor of order ", c);
   }
 }
 

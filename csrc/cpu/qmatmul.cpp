@@ -344,7 +344,16 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The RHT of a few rows (T <= kSmallBatch), in place in buf (T x n, the compute type): Had (buf * before) * after.
+// Up to this many rows the RHT around a product runs through rht_rows (when hadamard_rows_fits its small factor):
+// measured per layer call on SmolLM2's shapes, one thread, 1 token ~7 us against ~12 through the batched path, 2
+// tokens about even, from 4 tokens the batched path's GEMM is faster.
+constexpr int64_t kRhtRows = 2;
+
+bool few_row_rht(int64_t rows, const std::optional<at::Tensor>& had) {
+  return rows <= kRhtRows && hadamard_rows_fits(had.has_value() ? had->size(0) : 1);
+}
+
+// The RHT of a few rows (see few_row_rht), in place in buf (T x n, the compute type): Had (buf * before) * after.
 // hadamard_rows on the raw buffer: at decode the transform is ~1 us, and ATen calls around it cost several.
 void rht_rows(at::Tensor& buf, const std::optional<at::Tensor>& had, const std::optional<at::Tensor>& before,
               const std::optional<at::Tensor>& after) {
@@ -367,7 +376,7 @@ void rht_rows(at::Tensor& buf, const std::optional<at::Tensor>& had, const std::
 at::Tensor rht_input(const at::Tensor& x, int64_t n, at::ScalarType ct, const std::optional<at::Tensor>& sign_in,
                      const std::optional<at::Tensor>& had_in) {
   const at::Tensor flat = x.reshape({-1, n});
-  if (sign_in.has_value() && flat.size(0) <= kSmallBatch) {
+  if (sign_in.has_value() && few_row_rht(flat.size(0), had_in)) {
     at::Tensor buf = flat.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();  // a fresh buffer, transformed
     rht_rows(buf, had_in, sign_in, std::nullopt);
     return buf;
@@ -380,7 +389,7 @@ at::Tensor rht_output(at::Tensor y, const at::Tensor& x, at::ScalarType ct, cons
                       const std::optional<at::Tensor>& had_out) {
   auto out_shape = x.sizes().vec();
   out_shape.back() = y.size(1);
-  if (sign_out.has_value() && y.size(0) <= kSmallBatch) {
+  if (sign_out.has_value() && few_row_rht(y.size(0), had_out)) {
     rht_rows(y, had_out, std::nullopt, sign_out);  // y is the op's own contiguous buffer
   } else if (sign_out.has_value()) {
     y = hadamard_transform_cpu(y, had_out).mul_(sign_out->to(ct));
