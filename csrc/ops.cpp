@@ -48,7 +48,7 @@ TORCH_LIBRARY(yaqa, m) {
   // Two-sided LDLQ with bitshift trellis codes (csrc/trellis.h) on 16 x 16 units (16 | m, n, td_x, td_y): table the
   // 2^L state values (fp32, L a multiple of bits), scales (m, 1) fp32 > 0. Returns W_hat (fp32, exactly the values
   // of the codes) and codes (uint8, one row of 256 + (L - bits) / bits symbols < 2^bits per unit, units row-major).
-  // CPU only.
+  // CUDA: one thread block per unit's search, the 2^L costs in shared memory (L <= 14 on an H100).
   m.def("ldlq_round_trellis(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor table, int bits, int td_x, "
         "int td_y) -> (Tensor W_hat, Tensor codes)");
 
@@ -68,7 +68,7 @@ TORCH_LIBRARY(yaqa, m) {
 
   // y = x W_hat^T for the packed trellis weight (trellis_matmul): qweight ((m / 16) (n / 16), ceil(symbols / 8) *
   // bits) uint8, the symbol streams of ldlq_round_trellis's units; scales (m, 1) fp16 or fp32 (m from them); table
-  // the 2^L state values. CPU only.
+  // the 2^L state values.
   m.def("trellis_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor table, int bits, Tensor? sign_in=None, "
         "Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
 }

@@ -98,8 +98,9 @@ struct E8PPolicy {
 };
 
 // Bitshift trellis codes (trellis.h) over 16 x 16 units (T = 256 weights, row-major), one scale per row: the
-// Viterbi search minimises the unit's squared error sum_t s_r^2 (x_t / s_r - table[state_t])^2 exactly. CPU only
-// (one search holds 2^L costs and T 2^(L-k) choices).
+// Viterbi search minimises the unit's squared error sum_t s_r^2 (x_t / s_r - table[state_t])^2 exactly. The CPU's
+// policy, one search per thread; CUDA runs each search on a whole thread block (TrellisBlockPolicy,
+// csrc/cuda/rounding.cu), from the same checks and outputs (prepare_trellis_rounding).
 struct TrellisPolicy {
   static constexpr int64_t kUnitRows = 16, kUnitCols = 16, kLength = kUnitRows * kUnitCols;
   using Code = uint8_t;
@@ -243,8 +244,8 @@ inline E8PRounding prepare_e8p_rounding(const at::Tensor& W, const std::optional
   return r;
 }
 
-// What the CPU's ldlq_round_trellis starts from: checked, contiguous inputs, the outputs, the policy (its scratch
-// memory owned here).
+// What both backends' ldlq_round_trellis start from: checked, contiguous inputs, the outputs, the CPU's policy (its
+// scratch memory owned here; CUDA takes its fields).
 struct TrellisRounding {
   at::Tensor W, scales, table, W_hat, codes;
   std::vector<TrellisScratch> scratch;

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 #include <cmath>
 #include <cstdint>
@@ -96,7 +97,7 @@ void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64
                      TrellisScratch& s, uint8_t* symbols);
 
 // The state of weight t from a unit's symbols: stream symbols t .. t + p, little-endian.
-inline int64_t trellis_state(const uint8_t* symbols, int64_t t, int64_t p, int64_t k) {
+C10_HOST_DEVICE inline int64_t trellis_state(const uint8_t* symbols, int64_t t, int64_t p, int64_t k) {
   int64_t state = 0;
   for (int64_t i = p; i >= 0; --i) state = (state << k) | symbols[t + i];
   return state;
