@@ -48,3 +48,5 @@ step bench-hadamard 20 "$PY" benchmarks/bench_hadamard.py --devices "$DEVICES" -
 step bench-ldlq 40 "$PY" benchmarks/bench_ldlq.py --devices "$DEVICES" --compare 1024 --alone 4096 --tile 2
 step bench-block-ldl 25 "$PY" benchmarks/bench_block_ldl.py --devices "$DEVICES" --sizes 4096 14336
 step bench-sketch 40 "$PY" benchmarks/bench_sketch.py --devices "$DEVICES"
+step bench-codebooks 40 "$PY" benchmarks/bench_codebooks.py --devices "$DEVICES" --shapes 4096x4096 --bits 2 4 \
+  --batches 1 256
