@@ -48,9 +48,10 @@ TORCH_LIBRARY(yaqa, m) {
   // Two-sided LDLQ with bitshift trellis codes (csrc/trellis.h) on 16 x 16 units (16 | m, n, td_x, td_y): table the
   // 2^L state values (fp32, L a multiple of bits), scales (m, 1) fp32 > 0. Returns W_hat (fp32, exactly the values
   // of the codes) and codes (uint8, one row of 256 + (L - bits) / bits symbols < 2^bits per unit, units row-major).
+  // tail_biting: every row's last (L - bits) / bits symbols repeat its first ones (stored: its first 256 only).
   // CUDA: one thread block per unit's search, the 2^L costs in shared memory (L <= 14 on an H100).
   m.def("ldlq_round_trellis(Tensor W, Tensor? L_in, Tensor? L_out, Tensor scales, Tensor table, int bits, int td_x, "
-        "int td_y) -> (Tensor W_hat, Tensor codes)");
+        "int td_y, bool tail_biting=False) -> (Tensor W_hat, Tensor codes)");
 
   // y = x W_hat^T for x (..., n) and the packed scalar-grid weight W_hat = (codes - z) * s (m x n):
   // qweight (m, ceil(n / 8) * bits) uint8 holds each row's codes as a little-endian bit stream (8 codes
@@ -67,8 +68,8 @@ TORCH_LIBRARY(yaqa, m) {
         "Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
 
   // y = x W_hat^T for the packed trellis weight (trellis_matmul): qweight ((m / 16) (n / 16), ceil(symbols / 8) *
-  // bits) uint8, the symbol streams of ldlq_round_trellis's units; scales (m, 1) fp16 or fp32 (m from them); table
-  // the 2^L state values.
+  // bits) uint8, the symbol streams of ldlq_round_trellis's units (tail-biting: their first 256 symbols, 32 bits
+  // bytes); scales (m, 1) fp16 or fp32 (m from them); table the 2^L state values.
   m.def("trellis_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor table, int bits, Tensor? sign_in=None, "
         "Tensor? had_in=None, Tensor? sign_out=None, Tensor? had_out=None) -> Tensor");
 }

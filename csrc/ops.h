@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cpu(const at::Tensor& W, const
 std::tuple<at::Tensor, at::Tensor> ldlq_round_trellis_cpu(const at::Tensor& W, const std::optional<at::Tensor>& L_in,
                                                           const std::optional<at::Tensor>& L_out,
                                                           const at::Tensor& scales, const at::Tensor& table,
-                                                          int64_t bits, int64_t td_x, int64_t td_y);
+                                                          int64_t bits, int64_t td_x, int64_t td_y,
+                                                          bool tail_biting);
 at::Tensor trellis_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& table, int64_t bits, const std::optional<at::Tensor>& sign_in,
                               const std::optional<at::Tensor>& had_in, const std::optional<at::Tensor>& sign_out,

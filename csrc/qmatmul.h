@@ -122,11 +122,14 @@ inline int64_t check_trellis_matmul_args(const at::Tensor& x, const at::Tensor& 
   const int64_t m = scales.size(0);
   TORCH_CHECK_VALUE(n % 16 == 0 && m % 16 == 0, op, ": trellis codes 16 x 16 units: x's last dimension n = ", n,
                     " and m = ", m, " must be multiples of 16");
-  const int64_t symbols = 256 + (L - bits) / bits, unit_bytes = (symbols + 7) / 8 * bits;
+  // A unit's stream: 256 + (L - bits) / bits symbols, or 256 when tail-biting (its states wrap around).
+  const int64_t unit_bytes = (256 + (L - bits) / bits + 7) / 8 * bits, tail_biting_bytes = 32 * bits;
   TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, op, ": qweight must be uint8, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(0) == (m / 16) * (n / 16) && qweight.size(1) == unit_bytes, op,
-                    ": qweight must be ((m / 16) (n / 16), ceil(symbols / 8) bits) = (", (m / 16) * (n / 16), ", ",
-                    unit_bytes, "), got ", qweight.sizes());
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(0) == (m / 16) * (n / 16) &&
+                        (qweight.size(1) == unit_bytes || qweight.size(1) == tail_biting_bytes),
+                    op, ": qweight must be ((m / 16) (n / 16), ceil(symbols / 8) bits) = (", (m / 16) * (n / 16), ", ",
+                    unit_bytes, ") or, tail-biting, (", (m / 16) * (n / 16), ", ", tail_biting_bytes, "), got ",
+                    qweight.sizes());
   for (const auto& [t, name] : {std::pair{&qweight, "qweight"}, std::pair{&scales, "scales"}}) {
     check_same_device(x, *t, op, "x", name);
     check_no_grad(*t, op, name);

@@ -107,6 +107,7 @@ struct TrellisPolicy {
   const float* table;    // (2^L) state values
   const float* scales;   // (m)
   int64_t L, k, units_per_row, symbols;  // symbols per unit: T + (L - k) / k
+  bool tail_biting;         // the last (L - k) / k symbols repeat the first ones (trellis_viterbi_k)
   TrellisScratch* scratch;  // one per thread of the op (row blocks may run in parallel), freed when it returns
 
   void round_unit(const float* x, int64_t ldx, int64_t row, int64_t col, float* value, int64_t ldv,
@@ -117,7 +118,7 @@ struct TrellisPolicy {
       for (int64_t c = 0; c < kUnitCols; ++c) y[r * kUnitCols + c] = x[r * ldx + c] / sr, w[r * kUnitCols + c] = sr * sr;
     }
     Code* out = codes + ((row / kUnitRows) * units_per_row + col / kUnitCols) * symbols;
-    trellis_viterbi(y, w, kLength, L, k, table, scratch[at::get_thread_num()], out);
+    trellis_viterbi(y, w, kLength, L, k, table, scratch[at::get_thread_num()], out, tail_biting);
     const int64_t p = symbols - kLength;
     for (int64_t t = 0; t < kLength; ++t) {
       value[(t / kUnitCols) * ldv + t % kUnitCols] = table[trellis_state(out, t, p, k)] * scales[row + t / kUnitCols];
@@ -254,7 +255,8 @@ struct TrellisRounding {
 
 inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, const std::optional<at::Tensor>& L_in,
                                      const std::optional<at::Tensor>& L_out, const at::Tensor& scales,
-                                     const at::Tensor& table, int64_t bits, int64_t td_x, int64_t td_y) {
+                                     const at::Tensor& table, int64_t bits, int64_t td_x, int64_t td_y,
+                                     bool tail_biting) {
   constexpr const char* op = "ldlq_round_trellis";
   const RoundingShape shape = check_rounding_args(W, L_in, L_out, td_x, td_y, op);
   const int64_t m = shape.m, n = shape.n;
@@ -272,7 +274,7 @@ inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, co
   r.codes = at::empty({(m / u) * (n / u), symbols}, r.W.options().dtype(at::kByte));
   r.scratch.resize(static_cast<size_t>(at::get_num_threads()));
   r.book = TrellisPolicy{r.table.data_ptr<float>(), r.scales.data_ptr<float>(), L, bits, n / u, symbols,
-                         r.scratch.data()};
+                         tail_biting, r.scratch.data()};
 }
 
 }  // namespace yaqa

@@ -17,10 +17,10 @@
 
 namespace yaqa {
 
-// Scratch memory of one Viterbi run: two cost rows of 2^L, the best-predecessor costs of 2^(L-k), and the
-// predecessor choices of every step.
+// Scratch memory of one Viterbi run: two cost rows of 2^L, the best-predecessor costs of 2^(L-k), the targets and
+// weights across the wrap (tail-biting), and the predecessor choices of every step.
 struct TrellisScratch {
-  std::vector<float> cost, next, best;
+  std::vector<float> cost, next, best, rotated;
   std::vector<uint8_t> back;
 };
 
@@ -51,18 +51,19 @@ struct TrellisScalarBest {
   }
 };
 
-// The stream (T + p symbols, each < 2^k) of least weighted squared error sum_t w[t] (y[t] - table[state_t])^2 for
-// targets y (T), weights w > 0. Best: how each step's best predecessors are found (trellis_best_predecessors, or a
-// vectorised equal of it).
-template <int K, class Best = TrellisScalarBest<K>>
-YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
-                                           TrellisScratch& s, uint8_t* symbols, Best best_of = {}) {
+// The forward pass of the search: s.cost ends holding each final state's least cost sum_t w[t] (y[t] -
+// table[state_t])^2 and s.back each step's best predecessors. start_low >= 0: only states whose low L - k bits equal
+// it may start (the others cost +inf). Best: how each step's best predecessors are found (trellis_best_predecessors,
+// or a vectorised equal of it).
+template <int K, class Best>
+YAQA_TRELLIS_INLINE void trellis_forward(const float* y, const float* w, int64_t T, int64_t L, const float* table,
+                                         TrellisScratch& s, Best best_of, int64_t start_low) {
   constexpr int64_t Q = int64_t{1} << K;
-  const int64_t S = int64_t{1} << L, J = S >> K, p = (L - K) / K;
+  const int64_t S = int64_t{1} << L, J = S >> K;
   s.cost.resize(S), s.next.resize(S), s.best.resize(J), s.back.resize(static_cast<size_t>(T * J));
   for (int64_t st = 0; st < S; ++st) {
     const float d = y[0] - table[st];
-    s.cost[st] = w[0] * (d * d);
+    s.cost[st] = start_low < 0 || (st & (J - 1)) == start_low ? w[0] * (d * d) : INFINITY;
   }
   for (int64_t t = 1; t < T; ++t) {
     best_of(s.cost.data(), J, s.best.data(), s.back.data() + t * J);
@@ -78,23 +79,60 @@ YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64
     }
     std::swap(s.cost, s.next);
   }
-  int64_t state = 0;
-  for (int64_t st = 1; st < S; ++st) {
-    if (s.cost[st] < s.cost[state]) state = st;
+}
+
+// The state before `state` at step t > 0 of the last forward pass.
+inline int64_t trellis_previous(const TrellisScratch& s, int64_t state, int64_t t, int64_t J, int64_t k) {
+  const int64_t j = state & (J - 1);
+  return (j << k) | s.back[t * J + j];
+}
+
+// Tail-biting searches take the bits the two ends share from the best path over this many weights around the wrap
+// (the last half of them, then the first half).
+constexpr int64_t kTrellisWrapWindow = 64;
+
+// The stream (T + p symbols, each < 2^k) of least weighted squared error sum_t w[t] (y[t] - table[state_t])^2 for
+// targets y (T), weights w > 0. Tail-biting (T >= kTrellisWrapWindow): the stream's last p symbols must repeat its
+// first p (the last state's top L - k bits are the first state's low ones), so that storing T symbols is enough.
+// As in QTIP (which rotates the whole unit by T / 2), the shared bits are weight 0's in the best unconstrained path
+// across the wrap (weights T - 32 .. T - 1, 0 .. 31), and the search then runs with both ends held to them.
+template <int K, class Best = TrellisScalarBest<K>>
+YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
+                                           TrellisScratch& s, uint8_t* symbols, bool tail_biting, Best best_of = {}) {
+  constexpr int64_t Q = int64_t{1} << K;
+  const int64_t S = int64_t{1} << L, J = S >> K, p = (L - K) / K;
+  int64_t overlap = -1;
+  auto first_least = [&](int64_t begin, int64_t end, int64_t step) {
+    int64_t state = begin;
+    for (int64_t st = begin + step; st < end; st += step) {
+      if (s.cost[st] < s.cost[state]) state = st;
+    }
+    return state;
+  };
+  if (tail_biting) {
+    constexpr int64_t N = kTrellisWrapWindow, h = N / 2;
+    s.rotated.resize(2 * N);
+    for (int64_t t = 0; t < N; ++t) s.rotated[t] = y[(t + T - h) % T], s.rotated[N + t] = w[(t + T - h) % T];
+    trellis_forward<K>(s.rotated.data(), s.rotated.data() + N, N, L, table, s, best_of, -1);
+    int64_t state = first_least(0, S, 1);
+    for (int64_t t = N - 1; t > h; --t) state = trellis_previous(s, state, t, J, K);
+    overlap = state & (J - 1);  // the state of weight 0 in the path across the wrap
   }
+  trellis_forward<K>(y, w, T, L, table, s, best_of, overlap);
+  // The last state: any, or one whose top L - k bits are the overlap ((overlap << k) | q).
+  int64_t state = overlap < 0 ? first_least(0, S, 1) : first_least(overlap << K, (overlap << K) + Q, 1);
   // Back from the last state: weight t's new symbol (stream index t + p) is its state's top k bits; the first
   // state holds stream symbols 0 .. p.
   for (int64_t t = T - 1; t > 0; --t) {
     symbols[p + t] = static_cast<uint8_t>(state >> (L - K));
-    const int64_t j = state & (J - 1);
-    state = (j << K) | s.back[t * J + j];
+    state = trellis_previous(s, state, t, J, K);
   }
   for (int64_t i = 0; i <= p; ++i) symbols[i] = static_cast<uint8_t>((state >> (K * i)) & (Q - 1));
 }
 
 // trellis_viterbi_k for k = bits (1 to 4); defined in csrc/cpu/rounding.cpp.
 void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
-                     TrellisScratch& s, uint8_t* symbols);
+                     TrellisScratch& s, uint8_t* symbols, bool tail_biting);
 
 // The state of weight t from a unit's symbols: stream symbols t .. t + p, little-endian.
 C10_HOST_DEVICE inline int64_t trellis_state(const uint8_t* symbols, int64_t t, int64_t p, int64_t k) {

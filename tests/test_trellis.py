@@ -5,8 +5,10 @@ and a quantized model through save / from_pretrained."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
+import safetensors.torch
 import torch
 import transformers as tf
 from conftest import CUDA_OK
@@ -14,28 +16,48 @@ from reference import native_half_gemm, quantized_matmul_reference, tile_ldlq_re
 from torch import Tensor, nn
 
 from yaqa_ext import QuantConfig, QuantizedLinear, block_ldl, ldlq_round, ops, quantize
+from yaqa_ext.bitpack import pack_codes
 from yaqa_ext.codebooks import TrellisCodebook, TrellisGrid, trellis_table
+from yaqa_ext.config import ungroup_specs
 
 
-def viterbi_reference(y: Tensor, w: Tensor, table: Tensor, bits: int) -> tuple[Tensor, float]:
+def least_path(y: Tensor, w: Tensor, table: Tensor, bits: int, ends: int | None = None) -> tuple[Tensor, float]:
     """The least weighted squared error state sequence for targets y (T) by dynamic programming over all 2^L
-    states (state_t = state_{t-1} >> bits | symbol << (L - bits)): its values and its cost."""
+    states (state_t = state_{t-1} >> bits | symbol << (L - bits)): its states and its cost. ``ends``: the first
+    state's low L - bits bits and the last state's top ones must equal it."""
     S = table.numel()
     states = torch.arange(S)
     J = S >> bits
     pred = torch.stack([((states % J) << bits) | q for q in range(2**bits)], 1)  # (S, Q)
     cost = w[0] * (y[0] - table) ** 2
+    if ends is not None:
+        cost = torch.where(states % J == ends, cost, torch.inf)
     back = []
     for t in range(1, y.numel()):
         best, arg = cost[pred].min(1)
         back.append(pred[states, arg])
         cost = best + w[t] * (y[t] - table) ** 2
+    if ends is not None:
+        cost = torch.where(states // 2**bits == ends, cost, torch.inf)
     state = int(cost.argmin())
     path = [state]
     for b in reversed(back):
         state = int(b[state])
         path.append(state)
-    return table[torch.tensor(path[::-1])], float(cost.min())
+    return torch.tensor(path[::-1]), float(cost.min())
+
+
+def viterbi_reference(y: Tensor, w: Tensor, table: Tensor, bits: int, tail_biting: bool = False
+                      ) -> tuple[Tensor, float]:
+    """The values and cost of the encoder's sequence: the least-cost one, or tail-biting the least-cost one whose
+    ends share the bits that weight 0's state has in the least-cost path across the wrap (y's last 32 targets,
+    then its first 32)."""
+    ends = None
+    if tail_biting:
+        across, _ = least_path(torch.cat([y[-32:], y[:32]]), torch.cat([w[-32:], w[:32]]), table, bits)
+        ends = int(across[32]) % (table.numel() >> bits)
+    path, cost = least_path(y, w, table, bits, ends)
+    return table[path], cost
 
 
 def unit_targets(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,22 +66,25 @@ def unit_targets(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_encoder_finds_the_least_cost_sequence(bits):
+@pytest.mark.parametrize("tail_biting", [False, True])
+def test_encoder_finds_the_least_cost_sequence(bits, tail_biting):
     g = torch.Generator().manual_seed(bits)
     L = 8 if bits != 3 else 9
     W = torch.randn(16, 32, generator=g)
     scales = (torch.rand(16, 1, generator=g) + 0.5).half().float()
     table = trellis_table(L)
-    W_hat, codes = ops.ldlq_round_trellis(W, None, None, scales, table, bits, 16, 16)
+    W_hat, codes = ops.ldlq_round_trellis(W, None, None, scales, table, bits, 16, 16, tail_biting)
     for u in range(2):
         x = W[:, 16 * u:16 * (u + 1)]
         y, w = unit_targets(x, scales)
-        ref_values, ref_cost = viterbi_reference(y, w, table, bits)
+        ref_values, ref_cost = viterbi_reference(y, w, table, bits, tail_biting)
         ours = (W_hat[:, 16 * u:16 * (u + 1)] / scales).reshape(-1)
         cost = float((w * (y - ours) ** 2).sum())
         assert cost == pytest.approx(ref_cost, rel=1e-5)  # the optimum (fp32 sums in another order)
         torch.testing.assert_close(ours, ref_values, rtol=0, atol=1e-6)  # these seeds have one optimal path
-    assert torch.equal(TrellisGrid(scales, bits, L).decode(codes), W_hat)  # the codes are exactly the values
+    if tail_biting:  # the stream wraps around: its last states' top symbols are its first ones
+        assert torch.equal(codes[:, 256:], codes[:, :(L - bits) // bits])
+    assert torch.equal(TrellisGrid(scales, bits, L, tail_biting).decode(codes), W_hat)  # the codes are the values
 
 
 def test_encoder_is_exact_where_paths_nearly_tie():
@@ -105,7 +130,7 @@ def test_ldlq_matches_the_naive_tile_rule(bits):
 
     def round_tile(x: Tensor, rows: slice, cols: slice) -> tuple[Tensor, Tensor]:
         y, w = unit_targets(x, s[rows])
-        values, _ = viterbi_reference(y, w, table, bits)
+        values, _ = viterbi_reference(y, w, table, bits, tail_biting=True)
         return values.reshape(16, 16) * s[rows], torch.zeros(1, 1, dtype=torch.uint8)
 
     ref, _ = tile_ldlq_reference(W, L_in, L_out, 16, 16, round_tile, (m, n // 16), torch.uint8)
@@ -118,16 +143,21 @@ def test_ldlq_matches_the_naive_tile_rule(bits):
 
 def test_pack_unpack_round_trip():
     W = torch.randn(32, 48, generator=torch.Generator().manual_seed(0))
-    grid = TrellisCodebook(3).fit(W)
-    codes = grid.encode(W)
-    layer = nn.Module()
-    layer.out_features, layer.in_features, layer.layout = 32, 48, grid.layout()
-    TrellisCodebook.create_weights(layer, 48, 32, **grid.layout())
-    TrellisCodebook.pack(layer, codes, grid)
-    back, grid_back = TrellisCodebook.unpack(layer)
-    assert torch.equal(back, codes) and torch.equal(grid_back.scales, grid.scales)
-    # 6 units of 256 + 3 symbols of 3 bits, padded to whole bytes of 8 symbols
-    assert layer.qweight.shape == (6, 33 * 3)
+    for tail_biting, width in ((False, 33 * 3), (True, 32 * 3)):
+        grid = TrellisCodebook(3, tail_biting=tail_biting).fit(W)
+        codes = grid.encode(W)
+        layer = nn.Module()
+        layer.out_features, layer.in_features, layer.layout = 32, 48, grid.layout()
+        TrellisCodebook.create_weights(layer, 48, 32, **grid.layout())
+        TrellisCodebook.pack(layer, codes, grid)
+        back, grid_back = TrellisCodebook.unpack(layer)
+        assert torch.equal(back, codes) and torch.equal(grid_back.scales, grid.scales)
+        # 6 units of 256 + 3 symbols of 3 bits padded to whole bytes of 8 symbols; tail-biting: 256 symbols
+        assert layer.qweight.shape == (6, width)
+    bad = codes.clone()
+    bad[0, 256] ^= 1
+    with pytest.raises(ValueError, match="must end with their first"):
+        TrellisCodebook.pack(layer, bad, grid)
 
 
 def test_opcheck_and_bad_inputs():
@@ -164,14 +194,40 @@ def test_quantized_model_round_trip(tmp_path):
     loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, q(tokens).logits)
+    assert layer.qweight.shape[1] == 32 * 2  # tail-biting: 256 symbols of 2 bits per unit
+
+    # The same folder as format 1 wrote it (streams with their own start symbols, no tail_biting in the layout)
+    # loads as such, with the same logits.
+    config = json.loads((tmp_path / "config.json").read_text())
+    specs = config["quantization_config"]["modules"]
+    specs = specs if isinstance(specs, dict) else ungroup_specs(specs)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    for name, spec in specs.items():
+        if spec["codebook"] == "trellis":
+            codes, _ = q.get_submodule(name).book.unpack(q.get_submodule(name))
+            weights[f"{name}.qweight"] = pack_codes(codes, 2)
+            specs[name] = {**spec, "format_version": 1,
+                           "layout": {k: v for k, v in spec["layout"].items() if k != "tail_biting"}}
+    config["quantization_config"]["modules"] = specs
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    old = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert old.model.layers[0].mlp.down_proj.layout == {"bits": 2, "L": 12, "tail_biting": False}
+    assert old.model.layers[0].mlp.down_proj.qweight.shape[1] == 33 * 2
+    with torch.no_grad():
+        assert torch.equal(old(tokens).logits, q(tokens).logits)
 
 
-def random_layer(m: int, n: int, bits: int, L: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+def random_layer(m: int, n: int, bits: int, L: int, seed: int, tail_biting: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """qweight and scales (fp16) of random symbol streams (every stream is a valid code), and the weight the codebook
     decodes from them (checked above against the encoder's values)."""
     g = torch.Generator().manual_seed(seed)
-    grid = TrellisGrid((torch.rand(m, 1, generator=g) + 0.5).half().float(), bits, L)
-    codes = torch.randint(0, 2**bits, ((m // 16) * (n // 16), 256 + (L - bits) // bits), generator=g).to(torch.uint8)
+    grid = TrellisGrid((torch.rand(m, 1, generator=g) + 0.5).half().float(), bits, L, tail_biting)
+    p = (L - bits) // bits
+    codes = torch.randint(0, 2**bits, ((m // 16) * (n // 16), 256 + p), generator=g).to(torch.uint8)
+    if tail_biting:
+        codes[:, 256:] = codes[:, :p]
     layer = nn.Module()
     TrellisCodebook.create_weights(layer, n, m, **grid.layout())
     TrellisCodebook.pack(layer, codes, grid)
@@ -181,8 +237,9 @@ def random_layer(m: int, n: int, bits: int, L: int, seed: int) -> tuple[Tensor, 
 @pytest.mark.parametrize(("bits", "L"), [(1, 12), (2, 12), (3, 12), (4, 12), (2, 16), (1, 20), (3, 18), (4, 20)])
 @pytest.mark.parametrize(("m", "n"), [(32, 48), (576, 576), (1536, 576)])
 @pytest.mark.parametrize("tokens", [1, 5, 64])
-def test_matmul_matches_dequantize_then_matmul(bits, L, m, n, tokens):
-    qweight, scales, W_hat = random_layer(m, n, bits, L, m + n + bits)
+@pytest.mark.parametrize("tail_biting", [False, True])
+def test_matmul_matches_dequantize_then_matmul(bits, L, m, n, tokens, tail_biting):
+    qweight, scales, W_hat = random_layer(m, n, bits, L, m + n + bits, tail_biting)
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
     y = ops.trellis_matmul(x, qweight, scales, trellis_table(L), bits)
     # fp32 accumulation of n products in another order
@@ -249,13 +306,15 @@ def test_cuda_opcheck():
 
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize(("bits", "L"), [(1, 8), (2, 12), (3, 12), (4, 12), (2, 14)])
-def test_cuda_search_matches_cpu(bits, L):
+@pytest.mark.parametrize("tail_biting", [False, True])
+def test_cuda_search_matches_cpu(bits, L, tail_biting):
     """Round to nearest on CUDA (one thread block per unit's search) chooses the CPU's sequences: the same fp32
     costs, rounded the same way (L = 14 needs more than the default 48 KB of shared memory)."""
     W = torch.randn(64, 96, generator=torch.Generator().manual_seed(bits + L))
     grid = TrellisCodebook(bits, L=L).fit(W)
-    cpu = ops.ldlq_round_trellis(W, None, None, grid.scales, trellis_table(L), bits, 16, 32)
-    gpu = ops.ldlq_round_trellis(W.cuda(), None, None, grid.scales.cuda(), trellis_table(L, "cuda"), bits, 16, 32)
+    args = (grid.scales, trellis_table(L), bits, 16, 32, tail_biting)
+    cpu = ops.ldlq_round_trellis(W, None, None, *args)
+    gpu = ops.ldlq_round_trellis(W.cuda(), None, None, *(a.cuda() if isinstance(a, Tensor) else a for a in args))
     assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].cpu(), cpu[0])
 
 
@@ -275,7 +334,8 @@ def test_cuda_ldlq_follows_the_tile_rule(bits):
     differ = []
 
     def round_tile(x: Tensor, rows: slice, cols: slice) -> tuple[Tensor, Tensor]:
-        nearest, _ = ops.ldlq_round_trellis(x, None, None, grid.scales[rows], trellis_table(L), bits, 16, 16)
+        nearest, _ = ops.ldlq_round_trellis(x, None, None, grid.scales[rows], trellis_table(L), bits, 16, 16,
+                                            grid.tail_biting)
         differ.append(not torch.equal(nearest, W_gpu[rows, cols]))
         return W_gpu[rows, cols], torch.zeros(1, 1, dtype=torch.uint8)
 

@@ -644,22 +644,30 @@ void e8p_dequantize_rows_any(const E8PPacked& w, const double* s, int64_t j0, do
 }
 
 // The packed trellis weight (csrc/trellis.h): per 16 x 16 unit (row blocks of units, row-major) its symbols as a
-// k-bit little-endian stream of unit_bytes bytes.
+// k-bit little-endian stream of unit_bytes bytes (32 k when tail-biting: 256 symbols, the last states wrapping
+// around to the first symbols).
 struct TrellisPacked {
   const uint8_t* codes;
   int64_t m, n, bits, L, unit_bytes;
   const float* table;
 };
 
+// A unit's stream in buf (at least unit_bytes + 8 bytes), followed by its first 8 bytes: a tail-biting stream
+// (exactly 256 symbols) continues with its own start, and a stream with start symbols has every state inside itself.
+inline void trellis_unit_stream(const TrellisPacked& w, int64_t unit, uint8_t* buf) {
+  std::memcpy(buf, w.codes + unit * w.unit_bytes, w.unit_bytes);
+  std::memcpy(buf + w.unit_bytes, buf, 8);
+}
+
 // Row block rb (rows 16 rb .. 16 rb + 15) of W_hat into out (16 x n): each unit's stream copied into a
-// zero-padded buffer, then weight t's state is the L bits at bit k t, its value table[state] * s_row in fp32 (exactly
+// padded buffer, then weight t's state is the L bits at bit k t, its value table[state] * s_row in fp32 (exactly
 // the rounding's W_hat).
 template <typename acc_t>
 void trellis_decode_block(const TrellisPacked& w, const float* scales, int64_t rb, acc_t* out) {
   const int64_t cols = w.n / 16, mask = (int64_t{1} << w.L) - 1;
-  uint8_t buf[160] = {0};  // unit_bytes <= ceil((256 + 19) / 8) * 4 = 140, plus 8 bytes of padding
+  uint8_t buf[160] = {0};  // unit_bytes <= ceil((256 + 19) / 8) * 4 = 140, 8 bytes of wrap and 8 of padding
   for (int64_t c = 0; c < cols; ++c) {
-    std::memcpy(buf, w.codes + (rb * cols + c) * w.unit_bytes, w.unit_bytes);
+    trellis_unit_stream(w, rb * cols + c, buf);
     for (int64_t t = 0; t < 256; ++t) {
       const int64_t bit = t * w.bits;
       uint64_t v = 0;
@@ -698,9 +706,9 @@ __attribute__((target("avx2,fma"))) void trellis_decode_block_avx2(const Trellis
                                                                     int64_t rb, float* out) {
   const int64_t cols = w.n / 16;
   const TrellisLanes lanes = trellis_lanes(w.bits, w.L);
-  uint8_t buf[160] = {0};  // unit_bytes <= 140, plus padding for the last 8-byte reads
+  uint8_t buf[160] = {0};  // unit_bytes <= 140, plus wrap and padding for the last 8-byte reads
   for (int64_t c = 0; c < cols; ++c) {
-    std::memcpy(buf, w.codes + (rb * cols + c) * w.unit_bytes, w.unit_bytes);
+    trellis_unit_stream(w, rb * cols + c, buf);
     for (int64_t r = 0; r < 16; ++r) {
       const __m256 scale = _mm256_set1_ps(scales[rb * 16 + r]);
       for (int64_t half = 0; half < 2; ++half) {

@@ -114,29 +114,29 @@ struct TrellisAvx2Best {
 };
 
 YAQA_AVX2 void trellis_viterbi_avx2(const float* y, const float* w, int64_t T, int64_t L, int64_t k,
-                                    const float* table, TrellisScratch& s, uint8_t* symbols) {
+                                    const float* table, TrellisScratch& s, uint8_t* symbols, bool tb) {
   switch (k) {
-    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols, TrellisAvx2Best<1>{});
-    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols, TrellisAvx2Best<2>{});
-    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols, TrellisAvx2Best<3>{});
-    default: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols, TrellisAvx2Best<4>{});
+    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols, tb, TrellisAvx2Best<1>{});
+    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols, tb, TrellisAvx2Best<2>{});
+    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols, tb, TrellisAvx2Best<3>{});
+    default: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols, tb, TrellisAvx2Best<4>{});
   }
 }
 #endif
 
 // The Viterbi search of trellis codes (csrc/trellis.h): AVX2 where the CPU has it, else the scalar loops.
 void trellis_viterbi(const float* y, const float* w, int64_t T, int64_t L, int64_t k, const float* table,
-                     TrellisScratch& s, uint8_t* symbols) {
+                     TrellisScratch& s, uint8_t* symbols, bool tb) {
   TORCH_CHECK_VALUE(k >= 1 && k <= 4, "trellis codes: bits must be 1 to 4, got ", k);
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return trellis_viterbi_avx2(y, w, T, L, k, table, s, symbols);
+  if (avx2) return trellis_viterbi_avx2(y, w, T, L, k, table, s, symbols, tb);
 #endif
   switch (k) {
-    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols);
-    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols);
-    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols);
-    default: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols);
+    case 1: return trellis_viterbi_k<1>(y, w, T, L, table, s, symbols, tb);
+    case 2: return trellis_viterbi_k<2>(y, w, T, L, table, s, symbols, tb);
+    case 3: return trellis_viterbi_k<3>(y, w, T, L, table, s, symbols, tb);
+    default: return trellis_viterbi_k<4>(y, w, T, L, table, s, symbols, tb);
   }
 }
 
@@ -268,9 +268,9 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cpu(const at::Tensor& W_in, co
 std::tuple<at::Tensor, at::Tensor> ldlq_round_trellis_cpu(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in,
                                                           const std::optional<at::Tensor>& L_out,
                                                           const at::Tensor& scales, const at::Tensor& table,
-                                                          int64_t bits, int64_t td_x, int64_t td_y) {
+                                                          int64_t bits, int64_t td_x, int64_t td_y, bool tail_biting) {
   TrellisRounding r;
-  prepare_trellis_rounding(r, W_in, L_in, L_out, scales, table, bits, td_x, td_y);
+  prepare_trellis_rounding(r, W_in, L_in, L_out, scales, table, bits, td_x, td_y, tail_biting);
   ldlq_round_loop(r.book, r.W, L_in.has_value() ? L_in->contiguous() : at::Tensor(),
                   L_out.has_value() ? L_out->contiguous() : at::Tensor(), r.W_hat, r.codes.data_ptr<uint8_t>(), td_x,
                   td_y);

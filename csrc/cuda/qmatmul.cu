@@ -222,14 +222,17 @@ struct TrellisArgs {
   const float* table;  // (2^L) state values, device memory
 };
 
-// The unscaled value of weight (row, col): its unit's bytes from bit k t to bit k t + L - 1 (at most 4 bytes, all
-// inside the stream: state t covers stream symbols t .. t + p), shifted and masked, then looked up.
+// The unscaled value of weight (row, col): its unit's bytes from bit k t to bit k t + L - 1 (at most 4 bytes; state t
+// covers stream symbols t .. t + p, inside a stream with start symbols, wrapping around a tail-biting one of exactly
+// unit_bytes = 32 k bytes), shifted and masked, then looked up.
 __device__ __forceinline__ float trellis_value(const TrellisArgs& w, int64_t row, int64_t col) {
   const int64_t unit = (row / 16) * (w.n / 16) + col / 16, t = (row % 16) * 16 + col % 16;
   const uint8_t* stream = w.codes + unit * w.unit_bytes;
   const int64_t bit = w.bits * t, first = bit / 8, last = (bit + w.L - 1) / 8;
   uint32_t v = 0;
-  for (int64_t b = first; b <= last; ++b) v |= static_cast<uint32_t>(stream[b]) << (8 * (b - first));
+  for (int64_t b = first; b <= last; ++b) {
+    v |= static_cast<uint32_t>(stream[b < w.unit_bytes ? b : b - w.unit_bytes]) << (8 * (b - first));
+  }
   return __ldg(w.table + ((v >> (bit % 8)) & ((1u << w.L) - 1u)));
 }
 

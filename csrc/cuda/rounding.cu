@@ -41,19 +41,20 @@ struct TileArgs {
   Codebook book;
 };
 
-// Bitshift trellis codes (trellis.h) on CUDA: the exact Viterbi search of one 16 x 16 unit run by the whole thread
-// block, the 2^L costs of a step in shared memory (thread j takes the groups j, j + blockDim, ... of 2^k states
-// that share their successors), each step's choices in a global scratch area per block (T 2^(L-k) bytes). The
-// costs round as the CPU's search does (no fused multiply-add), so both backends choose the same sequence from the
-// same targets.
+// Bitshift trellis codes (trellis.h) on CUDA: the search of one 16 x 16 unit (trellis_viterbi_k, tail-biting
+// included) run by the whole thread block, the 2^L costs of a step in shared memory (thread j takes the groups j,
+// j + blockDim, ... of 2^k states that share their successors), each step's choices in a global scratch area per
+// block (T 2^(L-k) bytes). The costs round as the CPU's search does (no fused multiply-add) and ties go the same
+// way, so both backends choose the same sequence from the same targets.
 struct TrellisBlockPolicy {
   static constexpr int64_t kUnitRows = TrellisPolicy::kUnitRows, kUnitCols = TrellisPolicy::kUnitCols;
-  static constexpr int64_t kLength = TrellisPolicy::kLength;
+  static constexpr int kLength = static_cast<int>(TrellisPolicy::kLength);  // a power of 2
   static constexpr bool kCooperative = true;
   using Code = uint8_t;
   const float* table;   // (2^L) state values
   const float* scales;  // (m)
   int64_t L, k, units_per_row, symbols;
+  bool tail_biting;
   uint8_t* back;        // kLength 2^(L - k) choices per block of a launch
 
   // Shared floats of round_unit_block: targets, weights, two cost rows, and the argmin's per-warp partials.
@@ -61,18 +62,21 @@ struct TrellisBlockPolicy {
   // Scratch bytes per block.
   C10_HOST_DEVICE int64_t back_bytes() const { return kLength * (int64_t{1} << (L - k)); }
 
+  // The forward pass over targets y[(t + rot) mod T], t < len (as trellis_forward): returns the last cost row.
   template <int K>
-  __device__ void viterbi(const float* y, const float* w, float* cost, float* next, float* part, uint8_t* back_t,
-                          Code* out) const {
+  __device__ float* forward(const float* y, const float* w, int rot, int len, float* cost, float* next,
+                            uint8_t* back_t, int start_low) const {
     constexpr int Q = 1 << K;
     const int S = 1 << L, J = S >> K, t0 = threadIdx.x, nt = blockDim.x;
+    const float y0 = y[rot], w0 = w[rot];
     for (int st = t0; st < S; st += nt) {
-      const float d = __fsub_rn(y[0], table[st]);
-      cost[st] = __fmul_rn(w[0], __fmul_rn(d, d));
+      const float d = __fsub_rn(y0, table[st]);
+      cost[st] = start_low < 0 || (st & (J - 1)) == start_low ? __fmul_rn(w0, __fmul_rn(d, d)) : INFINITY;
     }
     __syncthreads();
-    for (int t = 1; t < kLength; ++t) {
-      const float yt = y[t], wt = w[t];
+    for (int t = 1; t < len; ++t) {
+      const int at = (t + rot) & (kLength - 1);
+      const float yt = y[at], wt = w[at];
       for (int j = t0; j < J; j += nt) {  // the first minimum over the group, then its 2^k successors' costs
         const float* c = cost + (j << K);
         float b = c[0];
@@ -90,7 +94,13 @@ struct TrellisBlockPolicy {
       float* swap = cost;
       cost = next, next = swap;
     }
-    // The first state of least cost: per thread, per warp (shuffles), then across warps.
+    return cost;
+  }
+
+  // The first state of least cost (every thread gets it): per thread, per warp (shuffles), then across warps.
+  __device__ int least_state(const float* cost, float* part) const {
+    const int S = 1 << L, t0 = threadIdx.x, nt = blockDim.x;
+    int* part_state = reinterpret_cast<int*>(part + 32);
     float best = cost[t0 < S ? t0 : 0];
     int state = t0 < S ? t0 : 0;
     for (int st = t0 + nt; st < S; st += nt) {
@@ -101,19 +111,56 @@ struct TrellisBlockPolicy {
       const int os = __shfl_down_sync(0xffffffffu, state, off);
       if (ob < best || (ob == best && os < state)) best = ob, state = os;
     }
-    int* part_state = reinterpret_cast<int*>(part + 32);
     if (t0 % 32 == 0) part[t0 / 32] = best, part_state[t0 / 32] = state;
     __syncthreads();
     if (t0 == 0) {
       for (int i = 1; i < (nt + 31) / 32; ++i) {
         if (part[i] < best || (part[i] == best && part_state[i] < state)) best = part[i], state = part_state[i];
       }
-      // Back from the last state, as trellis_viterbi_k (trellis.h).
-      const int p = static_cast<int>((L - K) / K);
-      for (int t = kLength - 1; t > 0; --t) {
+      part_state[0] = state;
+    }
+    __syncthreads();
+    state = part_state[0];
+    __syncthreads();
+    return state;
+  }
+
+  template <int K>
+  __device__ int previous(int state, int t, const uint8_t* back_t) const {
+    const int J = (1 << L) >> K, j = state & (J - 1);
+    return (j << K) | back_t[t * J + j];
+  }
+
+  // trellis_viterbi_k on the block: the stream of the unit's targets y, weights w into out.
+  template <int K>
+  __device__ void search(const float* y, const float* w, float* cost, float* next, float* part, uint8_t* back_t,
+                         Code* out) const {
+    constexpr int Q = 1 << K, N = static_cast<int>(kTrellisWrapWindow), h = N / 2;
+    const int J = (1 << L) >> K, p = static_cast<int>((L - K) / K);
+    int* shared = reinterpret_cast<int*>(part + 32);
+    int overlap = -1;
+    if (tail_biting) {  // the shared bits: weight 0's state in the best path across the wrap
+      int state = least_state(forward<K>(y, w, kLength - h, N, cost, next, back_t, -1), part);
+      if (threadIdx.x == 0) {
+        for (int t = N - 1; t > h; --t) state = previous<K>(state, t, back_t);
+        shared[0] = state & (J - 1);
+      }
+      __syncthreads();
+      overlap = shared[0];
+      __syncthreads();
+    }
+    const float* last = forward<K>(y, w, 0, kLength, cost, next, back_t, overlap);
+    int state = overlap < 0 ? least_state(last, part) : 0;
+    if (threadIdx.x == 0) {
+      if (overlap >= 0) {  // the last state's top L - k bits are the overlap: (overlap << k) | q
+        state = overlap << K;
+        for (int q = 1; q < Q; ++q) {
+          if (last[(overlap << K) | q] < last[state]) state = (overlap << K) | q;
+        }
+      }
+      for (int t = kLength - 1; t > 0; --t) {  // back from the last state, as trellis_viterbi_k
         out[p + t] = static_cast<uint8_t>(state >> (L - K));
-        const int j = state & (J - 1);
-        state = (j << K) | back_t[t * J + j];
+        state = previous<K>(state, t, back_t);
       }
       for (int i = 0; i <= p; ++i) out[i] = static_cast<uint8_t>((state >> (K * i)) & (Q - 1));
     }
@@ -134,10 +181,10 @@ struct TrellisBlockPolicy {
     Code* out = codes + ((row / kUnitRows) * units_per_row + col / kUnitCols) * symbols;
     uint8_t* back_t = back + blockIdx.x * back_bytes();
     switch (k) {
-      case 1: viterbi<1>(y, w, cost, next, part, back_t, out); break;
-      case 2: viterbi<2>(y, w, cost, next, part, back_t, out); break;
-      case 3: viterbi<3>(y, w, cost, next, part, back_t, out); break;
-      default: viterbi<4>(y, w, cost, next, part, back_t, out); break;
+      case 1: search<1>(y, w, cost, next, part, back_t, out); break;
+      case 2: search<2>(y, w, cost, next, part, back_t, out); break;
+      case 3: search<3>(y, w, cost, next, part, back_t, out); break;
+      default: search<4>(y, w, cost, next, part, back_t, out); break;
     }
     const int64_t p = symbols - kLength;
     for (int t = threadIdx.x; t < kLength; t += blockDim.x) {
@@ -304,12 +351,12 @@ std::tuple<at::Tensor, at::Tensor> ldlq_round_e8p_cuda(const at::Tensor& W_in, c
 std::tuple<at::Tensor, at::Tensor> ldlq_round_trellis_cuda(const at::Tensor& W_in, const std::optional<at::Tensor>& L_in,
                                                            const std::optional<at::Tensor>& L_out,
                                                            const at::Tensor& scales, const at::Tensor& table,
-                                                           int64_t bits, int64_t td_x, int64_t td_y) {
+                                                           int64_t bits, int64_t td_x, int64_t td_y, bool tail_biting) {
   const c10::cuda::CUDAGuard guard(W_in.device());
   TrellisRounding r;
-  prepare_trellis_rounding(r, W_in, L_in, L_out, scales, table, bits, td_x, td_y);
+  prepare_trellis_rounding(r, W_in, L_in, L_out, scales, table, bits, td_x, td_y, tail_biting);
   const TrellisPolicy& c = r.book;
-  TrellisBlockPolicy book{c.table, c.scales, c.L, c.k, c.units_per_row, c.symbols, nullptr};
+  TrellisBlockPolicy book{c.table, c.scales, c.L, c.k, c.units_per_row, c.symbols, c.tail_biting, nullptr};
   // The choices of at most 256 MiB of blocks at a time (every tile of a wavefront for L = 12).
   const int64_t tiles = std::min(r.W.size(0) / td_x, r.W.size(1) / td_y);
   const int64_t max_blocks = std::clamp<int64_t>((int64_t{256} << 20) / book.back_bytes(), 1, tiles);

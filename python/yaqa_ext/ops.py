@@ -259,14 +259,16 @@ def _ldlq_round_e8p_fake(W, L_in, L_out, scales, abs_grid, bits, td_x, td_y) -> 
 
 
 def ldlq_round_trellis(W: Tensor, L_in: Tensor | None, L_out: Tensor | None, scales: Tensor, table: Tensor,
-                       bits: int, td_x: int, td_y: int) -> tuple[Tensor, Tensor]:
+                       bits: int, td_x: int, td_y: int, tail_biting: bool = False) -> tuple[Tensor, Tensor]:
     """Two-sided LDLQ of W with bitshift trellis codes on 16 x 16 units (Viterbi per unit), state values ``table``
-    (2^L), scales (m, 1): returns ``(W_hat, codes)``, codes uint8 (units, 256 + (L - bits) / bits) symbols."""
-    return torch.ops.yaqa.ldlq_round_trellis.default(W, L_in, L_out, scales, table, bits, td_x, td_y)
+    (2^L), scales (m, 1): returns ``(W_hat, codes)``, codes uint8 (units, 256 + (L - bits) / bits) symbols;
+    ``tail_biting``: each unit's last (L - bits) / bits symbols repeat its first ones."""
+    return torch.ops.yaqa.ldlq_round_trellis.default(W, L_in, L_out, scales, table, bits, td_x, td_y, tail_biting)
 
 
 @torch.library.register_fake("yaqa::ldlq_round_trellis")
-def _ldlq_round_trellis_fake(W, L_in, L_out, scales, table, bits, td_x, td_y) -> tuple[Tensor, Tensor]:
+def _ldlq_round_trellis_fake(W, L_in, L_out, scales, table, bits, td_x, td_y, tail_biting=False
+                             ) -> tuple[Tensor, Tensor]:
     op = "ldlq_round_trellis"
     torch._check(W.dim() == 2 and W.dtype == torch.float32, lambda: f"{op}: W must be a 2-D float32 matrix")
     m, n = W.shape
@@ -350,9 +352,10 @@ def _trellis_matmul_fake(x, qweight, scales, table, bits, sign_in=None, had_in=N
     m, n = scales.size(0), x.size(-1)
     torch._check(x.dim() >= 1 and n > 0 and n % 16 == 0 and m % 16 == 0,
                  lambda: f"{op}: n ({n}) and m ({m}) must be multiples of 16")
-    unit_bytes = (256 + (L - bits) // bits + 7) // 8 * bits
-    torch._check(tuple(qweight.shape) == ((m // 16) * (n // 16), unit_bytes),
-                 lambda: f"{op}: qweight must be ({(m // 16) * (n // 16)}, {unit_bytes}), got {tuple(qweight.shape)}")
+    units, unit_bytes = (m // 16) * (n // 16), (256 + (L - bits) // bits + 7) // 8 * bits  # tail-biting: 32 bits
+    torch._check(qweight.dim() == 2 and qweight.shape[0] == units and qweight.shape[1] in (unit_bytes, 32 * bits),
+                 lambda: f"{op}: qweight must be ({units}, {unit_bytes}) or, tail-biting, ({units}, {32 * bits}), "
+                         f"got {tuple(qweight.shape)}")
     _check_rht_args(op, m, n, sign_in, had_in, sign_out, had_out)
     _check_devices(op, x=x, qweight=qweight, scales=scales, table=table, sign_in=sign_in, had_in=had_in,
                    sign_out=sign_out, had_out=had_out)
