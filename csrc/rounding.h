@@ -268,6 +268,9 @@ inline void prepare_trellis_rounding(TrellisRounding& r, const at::Tensor& W, co
   const int64_t L = check_trellis_table(table, W, bits, op);
   TORCH_CHECK_VALUE(at::isfinite(table).all().item<bool>(), op, ": table has NaN or infinite entries");
   check_grid_tensor(scales, W, m, 1, true, op, "scales", "(rows, 1)");
+  // The search weighs each weight's squared error by its row's scale squared, which must not underflow to 0.
+  TORCH_CHECK_VALUE((scales * scales > 0).all().item<bool>(), op, ": scales must be at least 1e-19 (their squares "
+                    "weigh the search's errors), got ", scales.min().item<float>());
   r.W = W.contiguous(), r.scales = scales.contiguous(), r.table = table.contiguous();
   const int64_t symbols = TrellisPolicy::kLength + (L - bits) / bits;
   r.W_hat = at::empty({m, n}, r.W.options());

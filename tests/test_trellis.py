@@ -168,6 +168,8 @@ def test_opcheck_and_bad_inputs():
         ops.ldlq_round_trellis(torch.randn(8, 32), None, None, torch.ones(8, 1), table, 2, 8, 16)
     with pytest.raises(ValueError, match="2\\^L state values"):
         ops.ldlq_round_trellis(W, None, None, torch.ones(16, 1), table[:100], 2, 16, 16)
+    with pytest.raises(ValueError, match="scales must be at least 1e-19"):
+        ops.ldlq_round_trellis(W, None, None, torch.full((16, 1), 1e-30), table, 2, 16, 16)
     with pytest.raises(ValueError, match="multiple of bits"):
         TrellisCodebook(3, L=8)
     with pytest.raises(ValueError, match="multiples of 16"):

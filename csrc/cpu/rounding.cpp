@@ -3,6 +3,15 @@
 // left with GPTQ-style lazy updates of the input-side feedback: exact within a group of tiles, and
 // one GEMM for the columns left of the group once it is done. R_i is built lazily as well. The loop is one
 // template over the codebook policy (rounding.h), which rounds each tile unit by unit.
+//
+// No multiply-add is contracted in this file, whatever the target or flags (-march=native, aarch64): the values
+// (W - W_hat) and the trellis search's costs must round as CUDA's unfused __fmul_rn / __fadd_rn do, so that both
+// backends choose the same codes from the same targets.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -50,6 +50,7 @@ struct TrellisBlockPolicy {
   static constexpr int64_t kUnitRows = TrellisPolicy::kUnitRows, kUnitCols = TrellisPolicy::kUnitCols;
   static constexpr int kLength = static_cast<int>(TrellisPolicy::kLength);  // a power of 2
   static constexpr bool kCooperative = true;
+  static_assert((kLength & (kLength - 1)) == 0 && kLength >= kTrellisWrapWindow, "forward indexes modulo kLength");
   using Code = uint8_t;
   const float* table;   // (2^L) state values
   const float* scales;  // (m)
@@ -201,7 +202,7 @@ template <class Codebook>
 struct Cooperative<Codebook, std::void_t<decltype(Codebook::kCooperative)>> : std::bool_constant<Codebook::kCooperative> {};
 
 template <class Codebook>
-__global__ void ldlq_wavefront_kernel(TileArgs<Codebook> p) {
+__global__ void __launch_bounds__(1024) ldlq_wavefront_kernel(TileArgs<Codebook> p) {  // tiles of up to 1024
   extern __shared__ float smem[];
   const int64_t tx = p.td_x, ty = p.td_y;
   // Tile of this block: i + j == wavefront, i from the largest valid row block downwards.
