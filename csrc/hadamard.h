@@ -49,8 +49,8 @@ inline bool hadamard_rows_fits(int64_t c) {
 }
 
 // CPU: rows x n of x (contiguous, float or double) into out: out_r = Had (x_r * before) * after, the same transform
-// as hadamard_transform with the small factor had (c x c, nullptr when c = 1; hadamard_rows_fits(c)); before / after are optional sign
-// vectors (nullptr: none). For a few rows (csrc/cpu/hadamard.cpp); out may be x itself.
+// as hadamard_transform with the small factor had (c x c, nullptr when c = 1; hadamard_rows_fits(c)); before /
+// after are optional sign vectors (nullptr: none). For a few rows (csrc/cpu/hadamard.cpp); out may be x itself.
 template <typename acc_t>
 void hadamard_rows(const acc_t* x, acc_t* out, int64_t rows, int64_t n, const float* had, int64_t c,
                    const acc_t* before, const acc_t* after);

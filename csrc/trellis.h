@@ -81,10 +81,31 @@ YAQA_TRELLIS_INLINE void trellis_forward(const float* y, const float* w, int64_t
   }
 }
 
-// The state before `state` at step t > 0 of the last forward pass.
-inline int64_t trellis_previous(const TrellisScratch& s, int64_t state, int64_t t, int64_t J, int64_t k) {
+// The state before `state` at step t > 0 of a forward pass whose choices are back (T x J).
+C10_HOST_DEVICE inline int64_t trellis_previous(const uint8_t* back, int64_t state, int64_t t, int64_t J, int64_t k) {
   const int64_t j = state & (J - 1);
-  return (j << k) | s.back[t * J + j];
+  return (j << k) | back[t * J + j];
+}
+
+// The first state of least cost among cost[begin .. end).
+C10_HOST_DEVICE inline int64_t trellis_first_least(const float* cost, int64_t begin, int64_t end) {
+  int64_t state = begin;
+  for (int64_t st = begin + 1; st < end; ++st) {
+    if (cost[st] < cost[state]) state = st;
+  }
+  return state;
+}
+
+// The stream of the path ending in `state` after T steps with choices back: weight t's new symbol (stream index
+// t + p) is its state's top k bits; the first state holds stream symbols 0 .. p.
+C10_HOST_DEVICE inline void trellis_write_stream(const uint8_t* back, int64_t state, int64_t T, int64_t L, int64_t k,
+                                                 uint8_t* symbols) {
+  const int64_t J = (int64_t{1} << L) >> k, p = (L - k) / k;
+  for (int64_t t = T - 1; t > 0; --t) {
+    symbols[p + t] = static_cast<uint8_t>(state >> (L - k));
+    state = trellis_previous(back, state, t, J, k);
+  }
+  for (int64_t i = 0; i <= p; ++i) symbols[i] = static_cast<uint8_t>((state >> (k * i)) & ((int64_t{1} << k) - 1));
 }
 
 // Tail-biting searches take the bits the two ends share from the best path over this many weights around the wrap
@@ -100,34 +121,22 @@ template <int K, class Best = TrellisScalarBest<K>>
 YAQA_TRELLIS_INLINE void trellis_viterbi_k(const float* y, const float* w, int64_t T, int64_t L, const float* table,
                                            TrellisScratch& s, uint8_t* symbols, bool tail_biting, Best best_of = {}) {
   constexpr int64_t Q = int64_t{1} << K;
-  const int64_t S = int64_t{1} << L, J = S >> K, p = (L - K) / K;
+  const int64_t S = int64_t{1} << L, J = S >> K;
   int64_t overlap = -1;
-  auto first_least = [&](int64_t begin, int64_t end, int64_t step) {
-    int64_t state = begin;
-    for (int64_t st = begin + step; st < end; st += step) {
-      if (s.cost[st] < s.cost[state]) state = st;
-    }
-    return state;
-  };
   if (tail_biting) {
     constexpr int64_t N = kTrellisWrapWindow, h = N / 2;
     s.rotated.resize(2 * N);
     for (int64_t t = 0; t < N; ++t) s.rotated[t] = y[(t + T - h) % T], s.rotated[N + t] = w[(t + T - h) % T];
     trellis_forward<K>(s.rotated.data(), s.rotated.data() + N, N, L, table, s, best_of, -1);
-    int64_t state = first_least(0, S, 1);
-    for (int64_t t = N - 1; t > h; --t) state = trellis_previous(s, state, t, J, K);
+    int64_t state = trellis_first_least(s.cost.data(), 0, S);
+    for (int64_t t = N - 1; t > h; --t) state = trellis_previous(s.back.data(), state, t, J, K);
     overlap = state & (J - 1);  // the state of weight 0 in the path across the wrap
   }
   trellis_forward<K>(y, w, T, L, table, s, best_of, overlap);
   // The last state: any, or one whose top L - k bits are the overlap ((overlap << k) | q).
-  int64_t state = overlap < 0 ? first_least(0, S, 1) : first_least(overlap << K, (overlap << K) + Q, 1);
-  // Back from the last state: weight t's new symbol (stream index t + p) is its state's top k bits; the first
-  // state holds stream symbols 0 .. p.
-  for (int64_t t = T - 1; t > 0; --t) {
-    symbols[p + t] = static_cast<uint8_t>(state >> (L - K));
-    state = trellis_previous(s, state, t, J, K);
-  }
-  for (int64_t i = 0; i <= p; ++i) symbols[i] = static_cast<uint8_t>((state >> (K * i)) & (Q - 1));
+  const int64_t state = overlap < 0 ? trellis_first_least(s.cost.data(), 0, S)
+                                    : trellis_first_least(s.cost.data(), overlap << K, (overlap << K) + Q);
+  trellis_write_stream(s.back.data(), state, T, L, K, symbols);
 }
 
 // trellis_viterbi_k for k = bits (1 to 4); defined in csrc/cpu/rounding.cpp.

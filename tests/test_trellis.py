@@ -162,8 +162,10 @@ def test_pack_unpack_round_trip():
 
 def test_opcheck_and_bad_inputs():
     W, table = torch.randn(16, 32), trellis_table(12)
-    torch.library.opcheck(torch.ops.yaqa.ldlq_round_trellis.default,
-                          (W, ldl_factor(32, 1, 16), None, torch.ones(16, 1), trellis_table(6), 2, 16, 16))
+    for tail_biting in (False, True):
+        torch.library.opcheck(torch.ops.yaqa.ldlq_round_trellis.default,
+                              (W, ldl_factor(32, 1, 16), None, torch.ones(16, 1), trellis_table(6), 2, 16, 16,
+                               tail_biting))
     with pytest.raises(ValueError, match="must be multiples of 16"):
         ops.ldlq_round_trellis(torch.randn(8, 32), None, None, torch.ones(8, 1), table, 2, 8, 16)
     with pytest.raises(ValueError, match="2\\^L state values"):

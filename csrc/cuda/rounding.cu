@@ -126,24 +126,18 @@ struct TrellisBlockPolicy {
     return state;
   }
 
-  template <int K>
-  __device__ int previous(int state, int t, const uint8_t* back_t) const {
-    const int J = (1 << L) >> K, j = state & (J - 1);
-    return (j << K) | back_t[t * J + j];
-  }
-
   // trellis_viterbi_k on the block: the stream of the unit's targets y, weights w into out.
   template <int K>
   __device__ void search(const float* y, const float* w, float* cost, float* next, float* part, uint8_t* back_t,
                          Code* out) const {
     constexpr int Q = 1 << K, N = static_cast<int>(kTrellisWrapWindow), h = N / 2;
-    const int J = (1 << L) >> K, p = static_cast<int>((L - K) / K);
+    const int J = (1 << L) >> K;
     int* shared = reinterpret_cast<int*>(part + 32);
     int overlap = -1;
     if (tail_biting) {  // the shared bits: weight 0's state in the best path across the wrap
       int state = least_state(forward<K>(y, w, kLength - h, N, cost, next, back_t, -1), part);
       if (threadIdx.x == 0) {
-        for (int t = N - 1; t > h; --t) state = previous<K>(state, t, back_t);
+        for (int t = N - 1; t > h; --t) state = static_cast<int>(trellis_previous(back_t, state, t, J, K));
         shared[0] = state & (J - 1);
       }
       __syncthreads();
@@ -152,18 +146,9 @@ struct TrellisBlockPolicy {
     }
     const float* last = forward<K>(y, w, 0, kLength, cost, next, back_t, overlap);
     int state = overlap < 0 ? least_state(last, part) : 0;
-    if (threadIdx.x == 0) {
-      if (overlap >= 0) {  // the last state's top L - k bits are the overlap: (overlap << k) | q
-        state = overlap << K;
-        for (int q = 1; q < Q; ++q) {
-          if (last[(overlap << K) | q] < last[state]) state = (overlap << K) | q;
-        }
-      }
-      for (int t = kLength - 1; t > 0; --t) {  // back from the last state, as trellis_viterbi_k
-        out[p + t] = static_cast<uint8_t>(state >> (L - K));
-        state = previous<K>(state, t, back_t);
-      }
-      for (int i = 0; i <= p; ++i) out[i] = static_cast<uint8_t>((state >> (K * i)) & (Q - 1));
+    if (threadIdx.x == 0) {  // constrained: the last state's top L - k bits are the overlap, (overlap << k) | q
+      if (overlap >= 0) state = static_cast<int>(trellis_first_least(last, overlap << K, (overlap << K) + Q));
+      trellis_write_stream(back_t, state, kLength, L, K, out);
     }
     __syncthreads();
   }
