@@ -345,3 +345,12 @@ def test_cuda_ldlq_follows_the_tile_rule(bits):
 
     tile_ldlq_reference(W, L_in, L_out, 16, 16, round_tile, (m, n // 16), torch.uint8)
     assert len(differ) == (m // 16) * (n // 16) and sum(differ) <= 1  # a near-tie at most
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_search_opcheck():
+    W = torch.randn(16, 32, device="cuda")
+    for tail_biting in (False, True):
+        torch.library.opcheck(torch.ops.yaqa.ldlq_round_trellis.default,
+                              (W, ldl_factor(32, 1, 16).cuda(), None, torch.ones(16, 1, device="cuda"),
+                               trellis_table(6, "cuda"), 2, 16, 16, tail_biting))
